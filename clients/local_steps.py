@@ -1,0 +1,43 @@
+"""The first-order local loop shared by every gradient-based trainer.
+
+A fresh optimizer every round (FedIT, FLoRA and Fed-SB rebuild AdamW per client per
+round, algorithms.md §1.2), batches from the client's seeded stream, dropout seeded
+from ``("train", round, partition_id)``: the same client in the same round computes
+the same update in any process.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fedtune.config import RunConfig
+from fedtune.data.batches import local_batches
+from fedtune.randomness import seed_torch, torch_generator
+from fedtune.trainer import TrainContext
+
+
+def make_optimizer(params: list[torch.nn.Parameter], cfg: RunConfig) -> torch.optim.Optimizer:
+    if cfg.train.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    return torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+
+
+def run_local_steps(model: torch.nn.Module, workspace, ctx: TrainContext) -> float:  # type: ignore[no-untyped-def]
+    """Train ``model``'s trainable parameters for ``train.local_steps``; return the mean loss."""
+    cfg: RunConfig = workspace.cfg
+    encoded = workspace.encoded("train")
+    indices = workspace.partitions()[ctx.partition_id]
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = make_optimizer(params, cfg)
+    seed_torch(cfg.seed, "train", ctx.server_round, ctx.partition_id)
+    gen = torch_generator(cfg.seed, "batches", ctx.server_round, ctx.partition_id)
+    model.train()
+    losses = []
+    for idx in local_batches(indices, cfg.train.local_steps, cfg.train.batch_size, gen):
+        optimizer.zero_grad(set_to_none=True)
+        loss = model(**encoded.batch(idx, ctx.device)).loss
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss.detach()))
+    model.eval()
+    return sum(losses) / len(losses)

@@ -1,0 +1,49 @@
+"""Local training of peft LoRA factors (+ the classifier head): the FedIT client.
+
+Used by FedAvg-LoRA (Zhang et al., "Towards Building the Federated GPT", ICASSP'24,
+arXiv 2305.05644) and by the other LoRA aggregation methods.  The client loads the
+global ``(A, B, head)``, runs ``train.local_steps`` AdamW steps on them (the frozen
+base ``W0`` never changes) and uploads the updated factors with its example count,
+the FedAvg weight.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fedtune.config import RunConfig
+from fedtune.models.state import load_trainable_state, trainable_state
+from fedtune.randomness import seed_torch
+from fedtune.registry import TRAINERS
+from fedtune.trainer import TrainContext
+
+from clients.local_steps import run_local_steps
+
+
+class LoRATrainer:
+    """First-order LoRA training; the adapter is peft's, built identically on every party."""
+
+    name = "lora_sgd"
+
+    def build_model(self, base: torch.nn.Module, cfg: RunConfig) -> torch.nn.Module:
+        from peft import LoraConfig, TaskType, get_peft_model
+
+        lora = cfg.model.lora
+        for p in base.parameters():
+            p.requires_grad_(False)
+        seed_torch(cfg.seed, "adapter-init")  # same A init everywhere (B starts at 0)
+        config = LoraConfig(task_type=TaskType.SEQ_CLS, r=lora.rank, lora_alpha=lora.alpha,
+                            lora_dropout=lora.dropout, target_modules=list(lora.target_modules))
+        model = get_peft_model(base, config)
+        model.eval()
+        return model
+
+    def train(self, model: torch.nn.Module, arrays: dict[str, torch.Tensor], workspace,  # type: ignore[no-untyped-def]
+              ctx: TrainContext) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+        load_trainable_state(model, arrays)
+        loss = run_local_steps(model, workspace, ctx)
+        num_examples = len(workspace.partitions()[ctx.partition_id])
+        return trainable_state(model), {"train-loss": loss, "num-examples": num_examples}
+
+
+TRAINERS.register(LoRATrainer.name, LoRATrainer())

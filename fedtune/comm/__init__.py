@@ -1,0 +1,1 @@
+"""Communication accounting: every byte is counted in :mod:`fedtune.comm.ledger`."""

@@ -1,0 +1,85 @@
+"""Bytes on the wire, counted in exactly one place.
+
+``measure`` takes a real Flower :class:`~flwr.app.Message` and returns
+
+* **wire bytes**: the length of its serialized object tree as Flower's transport ships
+  it (``Message`` → ``RecordDict`` → records → ``Array`` → ``ArrayChunk``; every node
+  deflated with Flower's own serde, identical chunks deduplicated as the SuperLink
+  object store does).  This is what the deployment engine sends; in simulation the
+  same objects are built.
+* **payload bytes**: the scalars the method actually needs, ``numel × itemsize`` of
+  every array in the message's ``ArrayRecord``\\ s (algorithms.md §1.1).  Everything
+  else (npy headers, keys, protobuf, round numbers, metrics) is framing/control.
+
+The :class:`Ledger` keeps one :class:`WireRecord` per message and direction and answers
+the per-round and cumulative totals that ``metrics.csv`` and the plots read.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Iterable
+
+import numpy as np
+from flwr.app import Message, RecordDict
+from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
+
+DOWN, UP = "down", "up"
+
+
+@dataclass(frozen=True)
+class WireRecord:
+    """One message between the server and one client."""
+
+    server_round: int
+    partition_id: int
+    direction: str  # "down" (server → client) or "up" (client → server)
+    kind: str  # "train", "control" (roll-call) or "one_time" (setup broadcasts)
+    wire_bytes: int
+    payload_bytes: int
+
+
+def payload_bytes(content: RecordDict) -> int:
+    """Scalars × dtype size over all arrays in ``content``."""
+    total = 0
+    for record in content.array_records.values():
+        for array in record.values():
+            total += math.prod(array.shape) * np.dtype(array.dtype).itemsize
+    return total
+
+
+def measure(message: Message) -> tuple[int, int]:
+    """Return ``(wire_bytes, payload_bytes)`` of a message."""
+    wire = sum(len(obj.deflate()) for obj in get_all_nested_objects(message).values())
+    payload = payload_bytes(message.content) if message.has_content() else 0
+    return wire, payload
+
+
+class Ledger:
+    """All :class:`WireRecord` s of a run."""
+
+    def __init__(self, records: Iterable[WireRecord] = ()) -> None:
+        self.records: list[WireRecord] = list(records)
+
+    def record(self, message: Message, server_round: int, partition_id: int, direction: str, kind: str) -> WireRecord:
+        wire, payload = measure(message)
+        rec = WireRecord(server_round, partition_id, direction, kind, wire, payload)
+        self.records.append(rec)
+        return rec
+
+    def round_totals(self, server_round: int) -> dict[str, int]:
+        """Wire and payload bytes of one round, per direction."""
+        out = {"bytes_up": 0, "bytes_down": 0, "payload_up": 0, "payload_down": 0}
+        for r in self.records:
+            if r.server_round == server_round:
+                out[f"bytes_{r.direction}"] += r.wire_bytes
+                out[f"payload_{r.direction}"] += r.payload_bytes
+        return out
+
+    def cumulative_bytes(self, up_to_round: int) -> int:
+        """Wire bytes in both directions of all rounds ``<= up_to_round``."""
+        return sum(r.wire_bytes for r in self.records if r.server_round <= up_to_round)
+
+    def rows(self) -> list[dict[str, int | str]]:
+        return [asdict(r) for r in self.records]

@@ -1,0 +1,1 @@
+"""Flower adapters: the generic Strategy, the ServerApp and the ClientApp."""

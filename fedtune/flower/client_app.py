@@ -1,0 +1,71 @@
+"""The fedtune ``ClientApp``: decode the message, call the method's trainer, reply.
+
+The same app serves ``fedtune run`` (the config arrives in a closure, built by
+:func:`make_client_app`) and ``flwr run`` / deployment (module-level :data:`app`
+composes the config from the run config's ``overrides`` string, exactly as the
+ServerApp does).  A SuperNode's data is found from its node config's ``partition-id``.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from typing import Any
+
+from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from fedtune.config import RunConfig, compose, from_dict
+from fedtune.runtime.environment import quiet_libraries
+from fedtune.runtime.workspace import Workspace
+from fedtune.trainer import TrainContext
+
+
+@functools.lru_cache(maxsize=4)
+def _config_from_json(cfg_json: str) -> RunConfig:
+    return from_dict(json.loads(cfg_json))
+
+
+@functools.lru_cache(maxsize=4)
+def _config_from_overrides(overrides: str) -> RunConfig:
+    return compose(overrides)
+
+
+def partition_id_of(context: Context) -> int:
+    if "partition-id" not in context.node_config:
+        raise ValueError("node config has no 'partition-id' (start the SuperNode with "
+                         "--node-config 'partition-id=<i> num-partitions=<n>')")
+    return int(context.node_config["partition-id"])
+
+
+def make_client_app(cfg: dict[str, Any] | None = None) -> ClientApp:
+    """A ClientApp for the given resolved config (``None``: read it from the run config)."""
+    cfg_json = json.dumps(cfg, sort_keys=True) if cfg is not None else None
+    app = ClientApp()
+
+    def resolve(context: Context) -> RunConfig:
+        quiet_libraries()
+        if cfg_json is not None:
+            return _config_from_json(cfg_json)
+        return _config_from_overrides(str(context.run_config.get("overrides", "")))
+
+    @app.query("rollcall")
+    def rollcall(msg: Message, context: Context) -> Message:
+        return Message(RecordDict({"metrics": MetricRecord({"partition-id": partition_id_of(context)})}),
+                       reply_to=msg)
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        run_cfg = resolve(context)
+        workspace = Workspace(run_cfg)
+        ctx = TrainContext(server_round=int(msg.content["config"]["server-round"]),
+                           partition_id=partition_id_of(context), device=workspace.device)
+        arrays = msg.content["arrays"].to_torch_state_dict()
+        upload, metrics = workspace.trainer.train(workspace.model(), arrays, workspace, ctx)
+        return Message(RecordDict({"arrays": ArrayRecord(upload), "metrics": MetricRecord(metrics)}),
+                       reply_to=msg)
+
+    return app
+
+
+app = make_client_app()

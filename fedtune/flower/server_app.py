@@ -1,0 +1,144 @@
+"""The fedtune ``ServerApp``: build the strategy named in the config and run the rounds.
+
+Each round the global model is evaluated centrally on the held-out test split; a row
+goes to ``metrics.csv`` (atomically) and one progress line to stdout.  At the end the
+final adapter is saved in peft format and ``summary.json`` is written last.
+
+:func:`make_server_app` serves ``fedtune run`` (config in a closure); module-level
+:data:`app` serves ``flwr run`` and deployment (config composed from the run config's
+``overrides``).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from flwr.app import ArrayRecord, Context, MetricRecord
+from flwr.serverapp import Grid, ServerApp
+
+from fedtune.config import RunConfig, compose
+from fedtune.evaluation import evaluate
+from fedtune.models.state import load_trainable_state, trainable_state
+from fedtune.registry import METHODS
+from fedtune.results.store import RunStore, atomic_write_dir
+from fedtune.runtime.environment import quiet_libraries
+from fedtune.runtime.workspace import Workspace
+
+
+def _mb(n: float) -> str:
+    return f"{n / 1e6:.2f} MB" if n >= 1e5 else f"{n / 1e3:.1f} kB"
+
+
+def versions() -> dict[str, str]:
+    import flwr
+    import peft
+    import torch
+    import transformers
+
+    import fedtune
+
+    return {"fedtune": fedtune.__version__, "flwr": flwr.__version__, "torch": torch.__version__,
+            "peft": peft.__version__, "transformers": transformers.__version__}
+
+
+def run_server(grid: Grid, cfg: RunConfig, out_dir: Path) -> dict[str, Any]:
+    """Run ``cfg.num_rounds`` rounds on ``grid``; write the run directory; return the summary."""
+    quiet_libraries(cfg.runtime.log_level)
+    store = RunStore(out_dir)
+    store.write_config(cfg.to_dict())
+    summary: dict[str, Any] = {"status": "running", "strategy": cfg.strategy.name, "model": cfg.model.name,
+                               "dataset": cfg.dataset.name, "seed": cfg.seed, "num_rounds": cfg.num_rounds,
+                               "run_dir": str(out_dir), "versions": versions()}
+    try:
+        summary.update(_run_rounds(grid, cfg, store))
+        summary["status"] = "completed"
+        return summary
+    except BaseException as exc:
+        summary.update(status="failed", error=f"{type(exc).__name__}: {exc}")
+        raise
+    finally:
+        store.write_summary(summary)
+
+
+def _run_rounds(grid: Grid, cfg: RunConfig, store: RunStore) -> dict[str, Any]:
+    workspace = Workspace(cfg)
+    model = workspace.model()
+    test = workspace.encoded("test")
+    strategy = METHODS.get(cfg.strategy.name).strategy_cls.from_config(cfg)
+    t_start = time.perf_counter()
+    clock = {"last": t_start}
+    print(f"fedtune: {cfg.strategy.name} on {cfg.model.name}/{cfg.dataset.name}, "
+          f"{cfg.federation.num_clients} clients ({cfg.federation.clients_per_round} per round), "
+          f"{cfg.num_rounds} rounds, seed {cfg.seed} -> {store.dir}", flush=True)
+
+    def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+        load_trainable_state(model, arrays.to_torch_state_dict())
+        due = server_round % cfg.eval.every == 0 or server_round == cfg.num_rounds
+        loss, acc = (evaluate(model, test, cfg.eval.batch_size, workspace.device, cfg.eval.max_examples)
+                     if due else (math.nan, math.nan))
+        now = time.perf_counter()
+        info = strategy.rounds.get(server_round)
+        totals = strategy.ledger.round_totals(server_round)
+        row = {"round": server_round, "strategy": cfg.strategy.name,
+               "sampled_clients": ";".join(map(str, info.sampled)) if info else "",
+               "num_replies": len(info.received) if info else 0, "num_failures": len(info.failures) if info else 0,
+               "train_loss": f"{info.train_loss:.6f}" if info else "", "eval_loss": f"{loss:.6f}",
+               "eval_accuracy": f"{acc:.6f}", **totals,
+               "cumulative_bytes": strategy.ledger.cumulative_bytes(server_round),
+               "aggregate_seconds": f"{info.aggregate_seconds:.4f}" if info else "0",
+               "round_seconds": f"{now - clock['last']:.3f}", "wall_seconds": f"{now - t_start:.3f}",
+               "epsilon": ""}
+        clock["last"] = now
+        store.add_round(row)
+        first = store.rows[0]["eval_accuracy"]
+        fails = f", {row['num_failures']} failed" if row["num_failures"] else ""
+        print(f"[round {server_round:>3}/{cfg.num_rounds}] acc {acc:.4f} (round 0: {float(first):.4f})  "
+              f"eval loss {loss:.4f}  clients {row['num_replies']}/{len(info.sampled) if info else 0}{fails}  "
+              f"up {_mb(totals['bytes_up'])} down {_mb(totals['bytes_down'])}  "
+              f"total {_mb(row['cumulative_bytes'])}  {now - t_start:.1f}s", flush=True)
+        return MetricRecord({"eval-loss": loss, "eval-accuracy": acc})
+
+    initial = ArrayRecord(trainable_state(model))
+    strategy.start(grid=grid, initial_arrays=initial, num_rounds=cfg.num_rounds, evaluate_fn=evaluate_fn)
+
+    load_trainable_state(model, strategy.global_arrays)
+    if hasattr(model, "save_pretrained"):
+        atomic_write_dir(store.dir / "adapter", lambda tmp: model.save_pretrained(str(tmp)))
+    store.write_ledger(strategy.ledger.rows())
+    up = [r for r in strategy.ledger.records if r.direction == "up" and r.kind == "train"]
+    rows = store.rows
+    accs = [float(r["eval_accuracy"]) for r in rows if not math.isnan(float(r["eval_accuracy"]))]
+    return {
+        "initial_accuracy": float(rows[0]["eval_accuracy"]), "final_accuracy": float(rows[-1]["eval_accuracy"]),
+        "best_accuracy": max(accs), "final_eval_loss": float(rows[-1]["eval_loss"]),
+        "total_bytes": strategy.ledger.cumulative_bytes(cfg.num_rounds),
+        "total_bytes_up": sum(int(r["bytes_up"]) for r in rows),
+        "total_bytes_down": sum(int(r["bytes_down"]) for r in rows),
+        "payload_up_per_client_round": (sum(r.payload_bytes for r in up) / len(up)) if up else 0,
+        "client_failures": sum(int(r["num_failures"]) for r in rows),
+        "wall_seconds": round(time.perf_counter() - t_start, 3),
+    }
+
+
+def default_output_dir() -> Path:
+    return Path("outputs") / "flwr" / datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+
+
+def make_server_app(cfg: RunConfig | None = None, out_dir: str | Path | None = None) -> ServerApp:
+    """A ServerApp for ``cfg`` (``None``: compose it from the run config's ``overrides``)."""
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        run_cfg = cfg if cfg is not None else compose(str(context.run_config.get("overrides", "")))
+        target = out_dir or context.run_config.get("output-dir") or default_output_dir()
+        run_server(grid, run_cfg, Path(str(target)).resolve())
+
+    return app
+
+
+app = make_server_app()

@@ -1,0 +1,229 @@
+"""``FedtuneStrategy``: the Flower ``Strategy`` every fedtune method subclasses.
+
+It does the messaging once for all methods, so a method only writes its maths:
+
+* **roll-call** (first round): a ``query.rollcall`` message to every node; each replies
+  with its ``partition-id``.  Clients are then *sampled by partition id* from the run's
+  seeded stream (:mod:`fedtune.sampling`), not by Flower's random node ids, so a seed
+  picks the same clients in simulation and in deployment.
+* **train**: each sampled client gets ``{"arrays": downlink(round, pid), "config":
+  {"server-round", "method"}}``; replies are decoded, validated (keys, shapes, dtype,
+  finite values) and handed to :meth:`aggregate` sorted by partition id, so the sums
+  are deterministic.  A failed or malformed reply is logged and left out.
+* **evaluate**: none on clients; the ServerApp evaluates the global model centrally
+  through ``evaluate_fn``.
+* **metering**: :meth:`start` wraps the grid in a :class:`MeteredGrid`, so every
+  message is counted in :attr:`ledger`, whoever drives the loop.
+
+Subclasses implement :meth:`aggregate` (pure tensor maths) and may override
+:meth:`downlink` (per-client payloads) and :meth:`initialize`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from logging import INFO, WARNING
+from typing import Any
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.common.logger import log
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Result, Strategy
+
+from fedtune.comm.ledger import Ledger
+from fedtune.comm.metered_grid import MeteredGrid
+from fedtune.errors import PayloadError
+from fedtune.models.state import check_arrays
+from fedtune.sampling import sample_partitions
+
+ROLLCALL = "query.rollcall"
+Arrays = dict[str, torch.Tensor]
+
+
+@dataclass
+class ClientUpdate:
+    """One client's decoded, validated reply."""
+
+    partition_id: int
+    num_examples: int
+    arrays: Arrays
+    metrics: dict[str, float]
+
+
+@dataclass
+class RoundInfo:
+    """What happened in one round (read by the ServerApp for ``metrics.csv``)."""
+
+    sampled: list[int] = field(default_factory=list)
+    received: list[int] = field(default_factory=list)
+    failures: dict[int, str] = field(default_factory=dict)
+    train_loss: float = float("nan")
+    aggregate_seconds: float = 0.0
+
+
+def weights_for(updates: list[ClientUpdate], weighting: str) -> list[float]:
+    """Normalised aggregation weights ``p_k``: by example count (FedAvg) or uniform."""
+    raw = [float(u.num_examples) if weighting == "examples" else 1.0 for u in updates]
+    total = sum(raw)
+    return [w / total for w in raw]
+
+
+class FedtuneStrategy(Strategy):
+    """Base class: seeded sampling by partition id, validation, metering.
+
+    Parameters
+    ----------
+    num_clients : partitions expected to answer the roll-call.
+    clients_per_round : how many are sampled each round.
+    seed : the run seed (sampling stream).
+    weighting : ``"examples"`` (p_k = n_k / Σ n_j) or ``"uniform"``.
+    min_replies : a round with fewer valid replies keeps the previous global state.
+    rollcall_timeout : seconds to wait for all nodes to connect.
+    """
+
+    name = "base"
+
+    def __init__(self, *, num_clients: int, clients_per_round: int, seed: int = 0,
+                 weighting: str = "examples", min_replies: int = 1, rollcall_timeout: float = 300.0) -> None:
+        if weighting not in ("examples", "uniform"):
+            raise ValueError(f"weighting must be 'examples' or 'uniform', got {weighting!r}")
+        self.num_clients, self.clients_per_round = num_clients, clients_per_round
+        self.seed, self.weighting, self.min_replies = seed, weighting, min_replies
+        self.rollcall_timeout = rollcall_timeout
+        self.ledger = Ledger()
+        self.rounds: dict[int, RoundInfo] = {}
+        self.node_of: dict[int, int] = {}  # partition id -> node id
+        self.partition_of_node: dict[int, int] = {}
+        self.global_arrays: Arrays = {}
+        self._grid: MeteredGrid | None = None
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> "FedtuneStrategy":
+        """Build from a :class:`~fedtune.config.RunConfig` (method fields become kwargs)."""
+        params = {k: v for k, v in vars(cfg.strategy).items() if k != "name"}
+        return cls(num_clients=cfg.federation.num_clients, clients_per_round=cfg.federation.clients_per_round,
+                   seed=cfg.seed, min_replies=cfg.federation.min_clients, **params)
+
+    # ------------------------------------------------------------------ method hooks
+    def initialize(self, arrays: Arrays) -> None:
+        """Set the initial global state (called once by :meth:`start`)."""
+        self.global_arrays = {k: v.clone() for k, v in arrays.items()}
+
+    def downlink(self, server_round: int, partition_id: int) -> Arrays:
+        """What client ``partition_id`` receives for training (default: the global state)."""
+        return self.global_arrays
+
+    def expected_upload(self, partition_id: int) -> dict[str, tuple[int, ...]]:
+        """Keys and shapes a client's upload must have (default: those of the global state)."""
+        return {k: tuple(v.shape) for k, v in self.global_arrays.items()}
+
+    def aggregate(self, server_round: int, updates: list[ClientUpdate]) -> Arrays:
+        """Combine the (sorted, validated) client updates into the new global state."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ Flower API
+    def summary(self) -> None:
+        log(INFO, "\t├── %s: %d clients, %d per round, seed %d, weighting %s", type(self).__name__,
+            self.num_clients, self.clients_per_round, self.seed, self.weighting)
+
+    def start(self, grid: Grid, initial_arrays: ArrayRecord, num_rounds: int = 3, timeout: float = 3600,
+              train_config: ConfigRecord | None = None, evaluate_config: ConfigRecord | None = None,
+              evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None) -> Result:
+        """Flower's round loop over a metered grid."""
+        self.initialize(initial_arrays.to_torch_state_dict())
+        self._grid = grid if isinstance(grid, MeteredGrid) else MeteredGrid(grid, self.ledger, self._partition)
+        return super().start(self._grid, initial_arrays, num_rounds, timeout, train_config, evaluate_config,
+                             evaluate_fn)
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        if not self.global_arrays:
+            self.initialize(arrays.to_torch_state_dict())
+        if isinstance(grid, MeteredGrid):
+            grid.server_round = server_round
+        if not self.node_of:
+            self._rollcall(grid)
+        sampled = sample_partitions(self.seed, server_round, self.node_of, self.clients_per_round)
+        self.rounds[server_round] = RoundInfo(sampled=sampled)
+        messages = []
+        for pid in sampled:
+            cfg = ConfigRecord({**dict(config), "server-round": server_round, "method": self.name})
+            content = RecordDict({"arrays": ArrayRecord(self.downlink(server_round, pid)), "config": cfg})
+            messages.append(Message(content, dst_node_id=self.node_of[pid], message_type=MessageType.TRAIN))
+        return messages
+
+    def aggregate_train(self, server_round: int,
+                        replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        info = self.rounds.setdefault(server_round, RoundInfo())
+        updates = sorted(self._decode(replies, info), key=lambda u: u.partition_id)
+        info.received = [u.partition_id for u in updates]
+        if len(updates) < self.min_replies:
+            log(WARNING, "round %d: %d valid replies (< %d); global state unchanged", server_round,
+                len(updates), self.min_replies)
+            return None, None
+        t0 = time.perf_counter()
+        self.global_arrays = self.aggregate(server_round, updates)
+        info.aggregate_seconds = time.perf_counter() - t0
+        weights = weights_for(updates, "examples")
+        info.train_loss = sum(w * u.metrics.get("train-loss", float("nan")) for w, u in zip(weights, updates))
+        metrics = MetricRecord({"train-loss": info.train_loss, "num-replies": len(updates),
+                                "num-failures": len(info.failures)})
+        return ArrayRecord(self.global_arrays), metrics
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                           grid: Grid) -> Iterable[Message]:
+        return []  # the global model is evaluated centrally on the held-out split
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        return None
+
+    # ------------------------------------------------------------------ internals
+    def _partition(self, node_id: int) -> int:
+        return self.partition_of_node.get(node_id, -1)
+
+    def _rollcall(self, grid: Grid) -> None:
+        """Learn which node serves which partition (counted as "control" traffic)."""
+        deadline = time.monotonic() + self.rollcall_timeout
+        while len(nodes := sorted(grid.get_node_ids())) < self.num_clients:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"only {len(nodes)} of {self.num_clients} nodes connected "
+                                   f"within {self.rollcall_timeout:.0f} s")
+            time.sleep(0.2)
+        queries = [Message(RecordDict({"config": ConfigRecord({"rollcall": 1})}), dst_node_id=n,
+                           message_type=ROLLCALL) for n in nodes]
+        for reply in grid.send_and_receive(queries, timeout=self.rollcall_timeout):
+            if reply.has_error():
+                raise RuntimeError(f"node {reply.metadata.src_node_id} failed the roll-call: {reply.error.reason}")
+            pid = int(reply.content["metrics"]["partition-id"])
+            if pid in self.node_of or not 0 <= pid < self.num_clients:
+                raise RuntimeError(f"node {reply.metadata.src_node_id} reports partition-id {pid}, "
+                                   f"which is duplicated or outside [0, {self.num_clients})")
+            self.node_of[pid] = reply.metadata.src_node_id
+            self.partition_of_node[reply.metadata.src_node_id] = pid
+        if len(self.node_of) < self.num_clients:
+            missing = sorted(set(range(self.num_clients)) - set(self.node_of))
+            raise RuntimeError(f"no node answered the roll-call for partitions {missing[:10]}")
+
+    def _decode(self, replies: Iterable[Message], info: RoundInfo) -> Iterable[ClientUpdate]:
+        for reply in replies:
+            pid = self._partition(reply.metadata.src_node_id)
+            if reply.has_error():
+                info.failures[pid] = reply.error.reason.strip().splitlines()[-1][:200]
+                log(WARNING, "client %d failed: %s", pid, info.failures[pid])
+                continue
+            try:
+                content = reply.content
+                arrays = content["arrays"].to_torch_state_dict() if "arrays" in content else {}
+                check_arrays(arrays, self.expected_upload(pid))
+                metrics = dict(content["metrics"])
+                num_examples = int(metrics["num-examples"])
+                if num_examples < 1:
+                    raise PayloadError(f"num-examples must be >= 1, got {num_examples}")
+            except (PayloadError, KeyError, TypeError, ValueError) as exc:
+                info.failures[pid] = f"rejected payload: {exc}"
+                log(WARNING, "client %d: %s", pid, info.failures[pid])
+                continue
+            yield ClientUpdate(pid, num_examples, arrays, {k: float(v) for k, v in metrics.items()})

@@ -1,0 +1,1 @@
+"""Model registry: base models built from a config or loaded offline from a package."""

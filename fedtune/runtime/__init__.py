@@ -1,0 +1,1 @@
+"""Runtime: per-process caches, the Ray simulation launcher, environment defaults."""

@@ -1,0 +1,64 @@
+"""Run a federation on Flower's simulation engine with the Ray backend.
+
+Ray is capped to this machine (``runtime.ray_num_cpus``, an object store of
+``runtime.ray_object_store_mb``) or attached to an existing cluster
+(``runtime.ray_address``), and is always shut down afterwards, even on failure.
+When a GPU is present, clients train on it and share it through ``num_gpus``
+fractions (``runtime.client_num_gpus``; default: split evenly among actors).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from fedtune.config import RunConfig
+from fedtune.runtime.environment import quiet_libraries
+
+
+def client_num_gpus(cfg: RunConfig) -> float:
+    if cfg.runtime.client_num_gpus is not None:
+        return float(cfg.runtime.client_num_gpus)
+    import torch
+
+    if cfg.runtime.device == "cpu" or not torch.cuda.is_available():
+        return 0.0
+    actors = max(1, int((cfg.runtime.ray_num_cpus or 1) // cfg.runtime.client_num_cpus))
+    return round(1.0 / actors, 4)
+
+
+def backend_config(cfg: RunConfig) -> dict[str, Any]:
+    rt = cfg.runtime
+    if rt.ray_address:
+        init_args: dict[str, Any] = {"address": rt.ray_address}
+    else:
+        init_args = {"num_cpus": rt.ray_num_cpus, "object_store_memory": rt.ray_object_store_mb * 2**20,
+                     "include_dashboard": False, "log_to_driver": True}
+        if rt.ray_num_cpus is None:
+            del init_args["num_cpus"]
+    return {"client_resources": {"num_cpus": rt.client_num_cpus, "num_gpus": client_num_gpus(cfg)},
+            "init_args": init_args}
+
+
+def simulate(cfg: RunConfig, out_dir: str | Path) -> dict[str, Any]:
+    """Run ``cfg`` in simulation, write ``out_dir``, return its ``summary.json``."""
+    quiet_libraries(cfg.runtime.log_level)
+    import ray
+    from flwr.simulation import run_simulation
+
+    from fedtune.flower.client_app import make_client_app
+    from fedtune.flower.server_app import make_server_app
+
+    out_dir = Path(out_dir).resolve()
+    try:
+        run_simulation(server_app=make_server_app(cfg, out_dir), client_app=make_client_app(cfg.to_dict()),
+                       num_supernodes=cfg.federation.num_clients, backend_config=backend_config(cfg))
+    finally:
+        if ray.is_initialized():
+            ray.shutdown()
+    summary_path = out_dir / "summary.json"
+    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {"status": "missing"}
+    if summary.get("status") != "completed":
+        raise RuntimeError(f"simulation did not complete: {summary.get('error', summary.get('status'))}")
+    return summary

@@ -1,0 +1,90 @@
+"""What one process (the ServerApp or a Ray actor running ClientApps) keeps in memory.
+
+Loading a model or tokenising a dataset is done once per process and reused across
+rounds and clients: only adapter state moves in messages.  Cache entries are keyed by
+the JSON of the config sections they depend on, so two runs in one process (a Hydra
+multirun, the test-suite) never share state they should not.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+from fedtune.config import RunConfig
+from fedtune.data.batches import Encoded, encode
+from fedtune.data.partition import partition_indices
+from fedtune.data.sources import TextDataset
+from fedtune.registry import DATASETS, METHODS, MODELS, TRAINERS
+
+_CACHE: OrderedDict[str, Any] = OrderedDict()
+_MAX_ENTRIES = 12
+
+
+def _cached(key: str, make: Callable[[], Any]) -> Any:
+    if key in _CACHE:
+        _CACHE.move_to_end(key)
+        return _CACHE[key]
+    value = _CACHE[key] = make()
+    while len(_CACHE) > _MAX_ENTRIES:
+        _CACHE.popitem(last=False)
+    return value
+
+
+def clear_cache() -> None:
+    _CACHE.clear()
+
+
+@dataclass
+class Workspace:
+    """Per-process view of one run: data, encodings, partitions, the adapted model."""
+
+    cfg: RunConfig
+
+    def _key(self, kind: str, *sections: str, extra: Any = None) -> str:
+        d = self.cfg.to_dict()
+        return json.dumps([kind, [d[s] for s in sections], extra], sort_keys=True, default=str)
+
+    @property
+    def device(self) -> torch.device:
+        want = self.cfg.runtime.device
+        if want == "cuda" or (want == "auto" and torch.cuda.is_available()):
+            return torch.device("cuda")
+        return torch.device("cpu")
+
+    @property
+    def data(self) -> TextDataset:
+        return _cached(self._key("data", "dataset"), lambda: DATASETS.get(self.cfg.dataset.name).load(self.cfg.dataset))
+
+    def encoded(self, split: str) -> Encoded:
+        def make() -> Encoded:
+            from fedtune.models.zoo import load_tokenizer
+
+            return encode(load_tokenizer(), getattr(self.data, split), self.cfg.model.max_length)
+
+        return _cached(self._key("encoded", "dataset", "model", extra=split), make)
+
+    def partitions(self) -> list[list[int]]:
+        return _cached(
+            self._key("partitions", "dataset", "partition", "federation", extra=self.cfg.seed),
+            lambda: partition_indices(self.data.train.labels, self.cfg.partition,
+                                      self.cfg.federation.num_clients, self.cfg.seed),
+        )
+
+    @property
+    def trainer(self) -> Any:
+        return TRAINERS.get(METHODS.get(self.cfg.strategy.name).trainer)
+
+    def model(self) -> torch.nn.Module:
+        """The adapted model (frozen base + the method's trainable part), built once."""
+
+        def make() -> torch.nn.Module:
+            base = MODELS.get(self.cfg.model.name).build(self.cfg.model, self.data.num_labels, self.cfg.seed)
+            base.to(self.device)  # device first, then the adapter (Opacus issue 820), then DP
+            return self.trainer.build_model(base, self.cfg)
+
+        return _cached(self._key("model", "model", "dataset", "strategy", extra=[self.cfg.seed, str(self.device)]), make)
