@@ -31,3 +31,6 @@ class ClientTrainer(Protocol):
     def train(self, model: torch.nn.Module, arrays: dict[str, torch.Tensor], workspace: Any,
               ctx: TrainContext) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
         """Start from ``arrays``, train locally, return the upload and metrics (``num-examples``...)."""
+
+    # Optional: ``setup(model, arrays, workspace, ctx) -> (upload, metrics)`` serves the
+    # strategy's one-time ``"train.setup"`` messages (see FedtuneStrategy.setup).

@@ -12,13 +12,16 @@ import functools
 import json
 from typing import Any
 
-from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedtune.config import RunConfig, compose, from_dict
 from fedtune.runtime.environment import quiet_libraries
 from fedtune.runtime.workspace import Workspace
 from fedtune.trainer import TrainContext
+
+STATE_ARRAYS, STATE_VALUES = "fedtune-client-arrays", "fedtune-client-values"
 
 
 @functools.lru_cache(maxsize=4)
@@ -38,6 +41,27 @@ def partition_id_of(context: Context) -> int:
     return int(context.node_config["partition-id"])
 
 
+def load_client_state(context: Context) -> dict[str, Any]:
+    """A trainer's persistent state: tensors from an ArrayRecord, scalars from a ConfigRecord."""
+    state: dict[str, Any] = {}
+    if STATE_ARRAYS in context.state:
+        state.update(context.state[STATE_ARRAYS].to_torch_state_dict())
+    if STATE_VALUES in context.state:
+        state.update(dict(context.state[STATE_VALUES]))
+    return state
+
+
+def save_client_state(context: Context, state: dict[str, Any]) -> None:
+    """Store ``state`` in Flower's ``Context.state``, which persists per node across rounds
+    (in simulation it lives in the driver and is shipped with every call: keep it small)."""
+    tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+    values = {k: v for k, v in state.items() if not isinstance(v, torch.Tensor)}
+    if tensors:
+        context.state[STATE_ARRAYS] = ArrayRecord(tensors)
+    if values:
+        context.state[STATE_VALUES] = ConfigRecord(values)
+
+
 def make_client_app(cfg: dict[str, Any] | None = None) -> ClientApp:
     """A ClientApp for the given resolved config (``None``: read it from the run config)."""
     cfg_json = json.dumps(cfg, sort_keys=True) if cfg is not None else None
@@ -54,16 +78,25 @@ def make_client_app(cfg: dict[str, Any] | None = None) -> ClientApp:
         return Message(RecordDict({"metrics": MetricRecord({"partition-id": partition_id_of(context)})}),
                        reply_to=msg)
 
-    @app.train()
-    def train(msg: Message, context: Context) -> Message:
-        run_cfg = resolve(context)
-        workspace = Workspace(run_cfg)
+    def serve(msg: Message, context: Context, action: str) -> Message:
+        workspace = Workspace(resolve(context))
         ctx = TrainContext(server_round=int(msg.content["config"]["server-round"]),
-                           partition_id=partition_id_of(context), device=workspace.device)
-        arrays = msg.content["arrays"].to_torch_state_dict()
-        upload, metrics = workspace.trainer.train(workspace.model(), arrays, workspace, ctx)
+                           partition_id=partition_id_of(context), device=workspace.device,
+                           state=load_client_state(context))
+        arrays = msg.content["arrays"].to_torch_state_dict() if "arrays" in msg.content else {}
+        upload, metrics = getattr(workspace.trainer, action)(workspace.model(), arrays, workspace, ctx)
+        save_client_state(context, ctx.state)
         return Message(RecordDict({"arrays": ArrayRecord(upload), "metrics": MetricRecord(metrics)}),
                        reply_to=msg)
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        return serve(msg, context, "train")
+
+    @app.train("setup")
+    def setup(msg: Message, context: Context) -> Message:
+        """One-time exchange before round 1 (the trainer's ``setup``), e.g. Fed-SB's init."""
+        return serve(msg, context, "setup")
 
     return app
 

@@ -22,7 +22,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedtune.config import RunConfig, compose
 from fedtune.evaluation import evaluate
-from fedtune.models.state import load_trainable_state, trainable_state
+from fedtune.models.state import trainable_state
 from fedtune.registry import METHODS
 from fedtune.results.store import RunStore, atomic_write_dir
 from fedtune.runtime.environment import quiet_libraries
@@ -76,7 +76,7 @@ def _run_rounds(grid: Grid, cfg: RunConfig, store: RunStore) -> dict[str, Any]:
           f"{cfg.num_rounds} rounds, seed {cfg.seed} -> {store.dir}", flush=True)
 
     def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord:
-        load_trainable_state(model, arrays.to_torch_state_dict())
+        strategy.load_into(model)
         due = server_round % cfg.eval.every == 0 or server_round == cfg.num_rounds
         loss, acc = (evaluate(model, test, cfg.eval.batch_size, workspace.device, cfg.eval.max_examples)
                      if due else (math.nan, math.nan))
@@ -105,7 +105,7 @@ def _run_rounds(grid: Grid, cfg: RunConfig, store: RunStore) -> dict[str, Any]:
     initial = ArrayRecord(trainable_state(model))
     strategy.start(grid=grid, initial_arrays=initial, num_rounds=cfg.num_rounds, evaluate_fn=evaluate_fn)
 
-    load_trainable_state(model, strategy.global_arrays)
+    strategy.load_into(model)
     if hasattr(model, "save_pretrained"):
         atomic_write_dir(store.dir / "adapter", lambda tmp: model.save_pretrained(str(tmp)))
     store.write_ledger(strategy.ledger.rows())

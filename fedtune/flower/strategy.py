@@ -36,7 +36,7 @@ from flwr.serverapp.strategy import Result, Strategy
 from fedtune.comm.ledger import Ledger
 from fedtune.comm.metered_grid import MeteredGrid
 from fedtune.errors import PayloadError
-from fedtune.models.state import check_arrays
+from fedtune.models.state import check_arrays, load_trainable_state
 from fedtune.sampling import sample_partitions
 
 ROLLCALL = "query.rollcall"
@@ -112,6 +112,14 @@ class FedtuneStrategy(Strategy):
         """Set the initial global state (called once by :meth:`start`)."""
         self.global_arrays = {k: v.clone() for k, v in arrays.items()}
 
+    def setup(self, grid: Grid, server_round: int) -> None:
+        """One-time exchange before the first training round (default: none).
+
+        Runs right after the roll-call.  Send messages of type ``"train.setup"`` through
+        ``grid.send_and_receive`` (they reach the trainer's ``setup`` method and are
+        metered as ``one_time`` traffic), e.g. Fed-SB's initial gradients and bases.
+        """
+
     def downlink(self, server_round: int, partition_id: int) -> Arrays:
         """What client ``partition_id`` receives for training (default: the global state)."""
         return self.global_arrays
@@ -123,6 +131,15 @@ class FedtuneStrategy(Strategy):
     def aggregate(self, server_round: int, updates: list[ClientUpdate]) -> Arrays:
         """Combine the (sorted, validated) client updates into the new global state."""
         raise NotImplementedError
+
+    def load_into(self, model: torch.nn.Module) -> None:
+        """Make ``model`` the current global model (central evaluation, export).
+
+        Default: copy :attr:`global_arrays` into its trainable parameters.  Methods that
+        also change the frozen base (FedEx-LoRA, FLoRA) or keep state outside the
+        trainable tensors override this.
+        """
+        load_trainable_state(model, self.global_arrays)
 
     # ------------------------------------------------------------------ Flower API
     def summary(self) -> None:
@@ -146,6 +163,7 @@ class FedtuneStrategy(Strategy):
             grid.server_round = server_round
         if not self.node_of:
             self._rollcall(grid)
+            self.setup(grid, server_round)
         sampled = sample_partitions(self.seed, server_round, self.node_of, self.clients_per_round)
         self.rounds[server_round] = RoundInfo(sampled=sampled)
         messages = []
