@@ -46,4 +46,19 @@ class LoRATrainer:
         return trainable_state(model), {"train-loss": loss, "num-examples": num_examples}
 
 
+class FrozenALoRATrainer(LoRATrainer):
+    """FFA-LoRA's client (Sun et al., ICLR'24, arXiv 2403.12313): ``lora_A`` stays at the
+    shared seeded init, so only ``B`` and the head are trained and travel."""
+
+    name = "lora_sgd_frozen_a"
+
+    def build_model(self, base: torch.nn.Module, cfg: RunConfig) -> torch.nn.Module:
+        model = super().build_model(base, cfg)
+        for name, p in model.named_parameters():
+            if ".lora_A." in name:
+                p.requires_grad_(False)
+        return model
+
+
 TRAINERS.register(LoRATrainer.name, LoRATrainer())
+TRAINERS.register(FrozenALoRATrainer.name, FrozenALoRATrainer())

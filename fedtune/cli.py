@@ -33,6 +33,27 @@ def _remove_if_empty(path: Path) -> None:
         pass
 
 
+GROUPS = ("strategy", "model", "dataset", "privacy")
+
+
+def check_group_choices(overrides: list[str]) -> None:
+    """Fail early, in one line, on ``group=name`` overrides that name no config file.
+
+    Hydra would print a multi-line report; the user only needs the accepted names.
+    """
+    from fedtune.config import CONFIG_DIR
+
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        key = key.lstrip("+~")
+        if not sep or key not in GROUPS:
+            continue
+        accepted = sorted(p.stem for p in (CONFIG_DIR / key).glob("*.yaml"))
+        for choice in value.split(","):  # multirun sweeps list choices with commas
+            if choice.strip() not in accepted:
+                raise ConfigError(f"{key}: unknown option {choice.strip()!r}; accepted: {', '.join(accepted)}")
+
+
 def _hydra_entry() -> None:
     import hydra
     from omegaconf import DictConfig, OmegaConf
@@ -98,6 +119,10 @@ def main(argv: list[str] | None = None) -> None:
         return
     command, rest = argv[0], argv[1:]
     if command == "run":
+        try:
+            check_group_choices(rest)
+        except ConfigError as exc:
+            _fail(str(exc))
         sys.argv = ["fedtune run", *rest]
         _hydra_entry()
     elif command == "plot":

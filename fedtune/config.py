@@ -216,6 +216,9 @@ def compose(overrides: list[str] | str = ()) -> RunConfig:
 
     if isinstance(overrides, str):
         overrides = shlex.split(overrides)
+    from fedtune.cli import check_group_choices
+
+    check_group_choices(list(overrides))
     try:
         with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
             composed = hydra_compose(config_name="config", overrides=list(overrides))

@@ -47,10 +47,9 @@ def plot_runs(run_dirs: list[Path], out_dir: Path, title: str | None = None) -> 
     ):
         fig, ax = plt.subplots(figsize=(7, 4.5))
         for d, label, rows in runs:
-            xs = [float(r[xkey]) for r in rows]
-            if logx:  # round 0 has no traffic yet; start the curve at the first round's bytes
-                xs = [max(x, 1.0) for x in xs]
-            ys = [float(r["eval_accuracy"]) for r in rows]
+            shown = [r for r in rows if float(r[xkey]) > 0] if logx else rows  # round 0 sent nothing
+            xs = [float(r[xkey]) for r in shown]
+            ys = [float(r["eval_accuracy"]) for r in shown]
             ax.plot(xs, ys, marker="o", markersize=3, label=label if counts[label] == 1 else f"{label} ({d.name})")
         if logx:
             ax.set_xscale("log")

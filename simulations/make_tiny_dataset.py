@@ -1,11 +1,11 @@
-"""Regenerate ``fedtune/data/files/tiny_topics.csv``: 480 short sentences in 4 topics.
+"""Regenerate ``fedtune/data/files/tiny_topics.jsonl``: 480 short sentences in 4 topics.
 
 The file is committed; this script documents how it was made (seeded, deterministic).
 Each sentence mixes two topic words with shared filler words, so a small randomly
 initialised model can learn the task in a few federated rounds, but not trivially.
 """
 
-import csv
+import json
 import random
 from pathlib import Path
 
@@ -33,11 +33,10 @@ def main() -> None:
             rows.append({"text": rng.choice(TEMPLATES).format(t1=t1, t2=t2, f1=f1, f2=f2, f3=f3, f4=f4),
                          "label": topic})
     rng.shuffle(rows)
-    out = Path(__file__).resolve().parent.parent / "fedtune" / "data" / "files" / "tiny_topics.csv"
-    with open(out, "w", newline="", encoding="utf-8") as fh:
-        writer = csv.DictWriter(fh, fieldnames=["text", "label"])
-        writer.writeheader()
-        writer.writerows(rows)
+    # JSON Lines, not CSV: Flower app bundles (FABs) carry only .py/.toml/.md/.yaml/.json(l)
+    out = Path(__file__).resolve().parent.parent / "fedtune" / "data" / "files" / "tiny_topics.jsonl"
+    with open(out, "w", encoding="utf-8") as fh:
+        fh.writelines(json.dumps(row) + "\n" for row in rows)
     print(f"wrote {len(rows)} rows to {out}")
 
 

