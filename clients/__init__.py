@@ -1,3 +1,5 @@
 """Client-side trainers, one module per training family, registered by name."""
 
 from clients import lora_sgd  # noqa: F401  (registers "lora_sgd")
+from clients import lora_sb  # noqa: F401  (registers "lora_sb")
+from clients import base_delta  # noqa: F401  (registers "lora_sgd_base_delta", "lora_fresh_rank")

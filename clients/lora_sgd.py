@@ -38,9 +38,14 @@ class LoRATrainer:
         model.eval()
         return model
 
+    def load(self, model: torch.nn.Module, arrays: dict[str, torch.Tensor], workspace,  # type: ignore[no-untyped-def]
+             ctx: TrainContext) -> None:
+        """Make ``model`` the received starting point (subclasses also reset the base)."""
+        load_trainable_state(model, arrays)
+
     def train(self, model: torch.nn.Module, arrays: dict[str, torch.Tensor], workspace,  # type: ignore[no-untyped-def]
               ctx: TrainContext) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
-        load_trainable_state(model, arrays)
+        self.load(model, arrays, workspace, ctx)
         loss = run_local_steps(model, workspace, ctx)
         num_examples = len(workspace.partitions()[ctx.partition_id])
         return trainable_state(model), {"train-loss": loss, "num-examples": num_examples}

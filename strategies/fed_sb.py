@@ -1,0 +1,202 @@
+"""Fed-SB: federated LoRA-SB, where averaging the r×r cores is exact.
+
+Implementation of Fed-SB (Singhal, Ponkshe, Vartak, Varshney, Vepakomma, "Fed-SB: A
+Silver Bullet for Extreme Communication Efficiency and Performance in (Private)
+Federated LoRA Fine-Tuning", arXiv 2502.15436) on LoRA-SB (Ponkshe et al., arXiv
+2411.19557); algorithms.md §4.  The adapter is :mod:`fedtune.models.lora_sb`.
+
+**One-time setup** (``setup``, messages ``train.setup``, metered as ``one_time``):
+
+1. every client uploads the mean full-weight gradient ``G_{l,k}`` of each target module
+   on ``init_samples`` of its examples (or its sign, as int8);
+2. the server forms ``ΔW_l = −η_eff · sign(Σ_k p_k G_{l,k})`` (the first AdamW step;
+   ``η_eff`` = ``init_step``, default ``train.lr``) and its rank-r truncated SVD
+   ``ΔW_l ≈ U S Vᵀ`` → ``B_l = U``, ``A_l = Vᵀ``, ``R0_l = S / s`` (``s = alpha/r``,
+   1 by default);
+3. the server broadcasts ``(B_l, A_l)`` once to every client, which keeps them in its
+   persistent ``Context.state``.  ``R0`` is the global state of round 1.
+
+**Rounds**: client k trains ``R_{l,k}`` (and the head) from the global ``R̄_l``; the
+server sets ``R̄_l = Σ_k p_k R_{l,k}`` over *this round's* replies only.  Because ``B``
+and ``A`` are shared and frozen, ``W0 + s·B R̄ A = Σ_k p_k (W0 + s·B R_k A)``: exact for
+any number of clients and any participation.  (The official multi-round script keeps
+appending R's across rounds; that bug is not reproduced.)
+
+Bytes per client and round, each way: ``4·L·r²`` + head.  One-time: down
+``4·Σ_l r(m_l+n_l)`` (B, A) per client; up ``4·Σ_l m_l n_l`` (gradients) or
+``1·Σ_l m_l n_l`` (int8 signs) per client.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from logging import WARNING
+from typing import Any
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.common.logger import log
+from flwr.serverapp import Grid
+
+from fedtune.errors import PayloadError
+from fedtune.flower.strategy import Arrays, ClientUpdate, FedtuneStrategy, weights_for
+from fedtune.models.lora_sb import set_bases, update_approximation
+from fedtune.models.state import check_arrays, load_trainable_state
+from fedtune.registry import register_method
+from strategies.fedavg_lora import weighted_average
+
+SETUP = "train.setup"
+GRAD_SUFFIX, CORE_SUFFIX = ".base.weight", ".sb_R.weight"
+
+
+def sign_step(updates: list[ClientUpdate], weights: list[float], step: float) -> Arrays:
+    """``ΔW_l = −step · sign(Σ_k p_k X_{l,k})``, ``X`` the uploaded gradients or signs."""
+    out = {}
+    for key in updates[0].arrays:
+        direction = sum(w * u.arrays[key].to(torch.float64) for w, u in zip(weights, updates))
+        out[key] = -step * torch.sign(direction)
+    return out
+
+
+def factorise(deltas: Arrays, rank: int, scale: float, svd: str = "exact", seed: int = 0) -> tuple[Arrays, Arrays]:
+    """Per module ``<m>.base.weight → ΔW``: bases ``{<m>.sb_B, <m>.sb_A}`` and cores
+    ``{<m>.sb_R.weight: R0}`` with ``s·B R0 A`` the rank-r truncation of ``ΔW``."""
+    bases, cores = {}, {}
+    for key in sorted(deltas):
+        module = key.removesuffix(GRAD_SUFFIX)
+        B, A, R0 = update_approximation(deltas[key], rank, scale, svd, seed, module)
+        bases[f"{module}.sb_B"], bases[f"{module}.sb_A"] = B, A
+        cores[module + CORE_SUFFIX] = R0
+    return bases, cores
+
+
+@dataclass
+class FedSBConfig:
+    """``strategy=fed_sb``.
+
+    rank : r of every module (``L·r²`` trainable scalars); at most min(m, n).
+    alpha : LoRA-SB scale numerator, ``s = alpha / rank``; ``null`` means alpha = rank, s = 1.
+    weighting : ``uniform`` (official Fed-SB: plain mean) or ``examples``; used for
+        both the init gradients and the cores.
+    init_samples, init_batch_size : examples per client for the init gradient, and
+        the batch size (the gradient is the mean of per-batch mean-loss gradients).
+    init_upload : ``gradient`` (fp32) or ``sign`` (int8, a quarter of the bytes).
+    init_step : ``η_eff`` of ``ΔW = −η_eff·sign(G)``; ``null`` = ``train.lr``.
+    svd : ``exact`` (torch.linalg.svd) or ``lowrank`` (seeded svd_lowrank, niter 10).
+    """
+
+    name: str = "fed_sb"
+    rank: int = 32
+    alpha: float | None = None
+    weighting: str = "uniform"
+    init_samples: int = 32
+    init_batch_size: int = 8
+    init_upload: str = "gradient"
+    init_step: float | None = None
+    svd: str = "exact"
+
+    def __post_init__(self) -> None:
+        if self.rank <= 0:
+            raise ValueError(f"rank must be > 0, got {self.rank}")
+        if self.alpha is not None and self.alpha <= 0:
+            raise ValueError(f"alpha must be > 0 (or null for alpha = rank), got {self.alpha}")
+        if self.weighting not in ("examples", "uniform"):
+            raise ValueError(f"weighting: unknown {self.weighting!r}; accepted: examples, uniform")
+        if self.init_samples < 1:
+            raise ValueError(f"init_samples must be >= 1, got {self.init_samples}")
+        if self.init_batch_size < 1:
+            raise ValueError(f"init_batch_size must be >= 1, got {self.init_batch_size}")
+        if self.init_upload not in ("gradient", "sign"):
+            raise ValueError(f"init_upload: unknown {self.init_upload!r}; accepted: gradient, sign")
+        if self.init_step is not None and not self.init_step > 0:
+            raise ValueError(f"init_step must be > 0 (or null for train.lr), got {self.init_step}")
+        if self.svd not in ("exact", "lowrank"):
+            raise ValueError(f"svd: unknown {self.svd!r}; accepted: exact, lowrank")
+
+    @property
+    def scale(self) -> float:
+        return (self.alpha if self.alpha is not None else self.rank) / self.rank
+
+
+class FedSB(FedtuneStrategy):
+    """Fed-SB: one-time gradient → SVD → (B, A) broadcast, then exact averaging of R."""
+
+    name = "fed_sb"
+
+    def __init__(self, *, rank: int = 32, alpha: float | None = None, init_samples: int = 32,
+                 init_batch_size: int = 8, init_upload: str = "gradient", init_step: float | None = None,
+                 svd: str = "exact", weighting: str = "uniform", **kwargs: Any) -> None:
+        super().__init__(weighting=weighting, **kwargs)
+        self.config = FedSBConfig(rank=rank, alpha=alpha, weighting=weighting, init_samples=init_samples,
+                                  init_batch_size=init_batch_size, init_upload=init_upload,
+                                  init_step=init_step, svd=svd)
+        self.bases: Arrays = {}  # <module>.sb_B / .sb_A, fixed after setup
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> "FedSB":
+        strategy = super().from_config(cfg)
+        if strategy.config.init_step is None:  # Adam's first step moves each weight by ≈ lr
+            strategy.config.init_step = cfg.train.lr
+        return strategy  # type: ignore[return-value]
+
+    # ------------------------------------------------------------------ setup
+    def setup(self, grid: Grid, server_round: int) -> None:
+        """Collect init gradients from every client, factorise, broadcast B and A once."""
+        replies = self._setup_exchange(grid, server_round, {})
+        updates = self._gradient_updates(replies)
+        if not updates:
+            raise RuntimeError("Fed-SB setup: no client returned a valid init gradient")
+        if self.config.init_step is None:
+            raise RuntimeError("Fed-SB setup: init_step is unset (from_config sets it to train.lr)")
+        deltas = sign_step(updates, weights_for(updates, self.weighting), self.config.init_step)
+        self.bases, cores = factorise(deltas, self.config.rank, self.config.scale, self.config.svd, self.seed)
+        missing = sorted(set(cores) - set(self.global_arrays))
+        if missing:
+            raise RuntimeError(f"Fed-SB setup: gradient keys match no trainable core, e.g. {missing[0]}")
+        self.global_arrays.update(cores)
+        for reply in self._setup_exchange(grid, server_round, self.bases):
+            if reply.has_error():
+                log(WARNING, "Fed-SB setup: node %d did not store the bases: %s", reply.metadata.src_node_id,
+                    reply.error.reason.strip().splitlines()[-1][:200])
+
+    def _setup_exchange(self, grid: Grid, server_round: int, arrays: Arrays) -> list[Message]:
+        """One ``train.setup`` message to every client: empty = "send your gradient"."""
+        messages = []
+        for pid in sorted(self.node_of):
+            config = ConfigRecord({"server-round": server_round, "method": self.name})
+            content = RecordDict({"arrays": ArrayRecord(arrays), "config": config})
+            messages.append(Message(content, dst_node_id=self.node_of[pid], message_type=SETUP))
+        return list(grid.send_and_receive(messages, timeout=self.rollcall_timeout))
+
+    def _gradient_updates(self, replies: list[Message]) -> list[ClientUpdate]:
+        """Decoded gradient replies, sorted by partition id; all must share keys and shapes."""
+        updates: list[ClientUpdate] = []
+        for reply in replies:
+            pid = self._partition(reply.metadata.src_node_id)
+            try:
+                if reply.has_error():
+                    raise PayloadError(reply.error.reason.strip().splitlines()[-1][:200])
+                arrays = {k: v.float() for k, v in reply.content["arrays"].to_torch_state_dict().items()}
+                if not arrays or any(not k.endswith(GRAD_SUFFIX) for k in arrays):
+                    raise PayloadError(f"expected '<module>{GRAD_SUFFIX}' gradients, got {sorted(arrays)[:3]}")
+                if updates:
+                    check_arrays(arrays, {k: tuple(v.shape) for k, v in updates[0].arrays.items()})
+                num_examples = int(reply.content["metrics"]["num-examples"])
+                updates.append(ClientUpdate(pid, num_examples, arrays, {}))
+            except (PayloadError, KeyError, TypeError, ValueError) as exc:
+                log(WARNING, "Fed-SB setup: client %d left out of the init gradient: %s", pid, exc)
+        return sorted(updates, key=lambda u: u.partition_id)
+
+    # ------------------------------------------------------------------ rounds
+    def aggregate(self, server_round: int, updates: list[ClientUpdate]) -> Arrays:
+        """``R̄ = Σ_k p_k R_k`` (and the head), over this round's replies only."""
+        return weighted_average([u.arrays for u in updates], weights_for(updates, self.weighting))
+
+    def load_into(self, model: torch.nn.Module) -> None:
+        """Set B, A (once known), the global cores R̄ and the head on ``model``."""
+        if self.bases:
+            set_bases(model, self.bases)
+        load_trainable_state(model, self.global_arrays)
+
+
+register_method("fed_sb", FedSB, trainer="lora_sb", config_cls=FedSBConfig)

@@ -1,0 +1,73 @@
+"""FedEx-LoRA: FedIT averages plus the exact residual folded into the frozen base.
+
+Implementation of FedEx-LoRA (Singhal, Ponkshe, Vepakomma, ACL'25, arXiv 2410.09432),
+algorithms.md §7.  The server averages the factors as FedIT does and adds what that
+average misses to the frozen weights, per LoRA module (s = lora_alpha / r)::
+
+    Ā = Σ p_k A_k,   B̄ = Σ p_k B_k
+    W0 ← W0 + s·(Σ_k p_k B_k A_k − B̄Ā)          (the residual, rank ≤ N·r)
+    ⇒  W0' + s·B̄Ā = W0 + s·Σ_k p_k B_k A_k      (every client's model is the ideal one)
+
+Clients continue from ``(Ā, B̄)``; the head is averaged as in FedAvg.  The official
+code uses the unweighted mean (``weighting: uniform``).  The residual is in nn.Linear's
+(out, in) layout, the same as ``B A``; no transpose (§1.2).
+
+Bytes per client and round (b = 4): up ``b·P_LoRA`` (+ head); down ``b·P_LoRA`` (+ head)
+plus the **cumulative** residual, because sampled clients may have skipped rounds
+(:mod:`strategies.merged_base`): ``residual: dense`` adds ``b·Σ_l m_l n_l``;
+``residual: factored`` adds ``b·Σ_l R_l(m_l+n_l)`` with ``R_l = r·Σ_{t'<t} N_{t'}``
+(N_{t'} = clients merged in round t'), from round 2 on.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from fedtune.flower.strategy import Arrays, ClientUpdate, weights_for
+from fedtune.models.state import load_trainable_state
+from fedtune.registry import register_method
+from strategies.fedavg_lora import weighted_average
+from strategies.lora_math import WEIGHTINGS, module_factors, require_choice, residual_factors
+from strategies.merged_base import DELTA_MODES, MergedBaseStrategy
+
+
+@dataclass
+class FedExLoRAConfig:
+    """``strategy=fedex_lora``.
+
+    residual : how the cumulative residual travels, ``dense`` or ``factored``.
+    weighting : ``examples`` or ``uniform`` (the official code) client weights p_k.
+    """
+
+    name: str = "fedex_lora"
+    residual: str = "dense"
+    weighting: str = "examples"
+
+    def __post_init__(self) -> None:
+        require_choice("residual", self.residual, DELTA_MODES)
+        require_choice("weighting", self.weighting, WEIGHTINGS)
+
+
+class FedExLoRA(MergedBaseStrategy):
+    """FedIT averages; ``s·(Σp_kB_kA_k − B̄Ā)`` accumulated into every client's base."""
+
+    name = "fedex_lora"
+
+    def __init__(self, *, residual: str = "dense", **kwargs) -> None:  # type: ignore[no-untyped-def]
+        super().__init__(delta_mode=residual, **kwargs)
+
+    def aggregate(self, server_round: int, updates: list[ClientUpdate]) -> Arrays:
+        weights = weights_for(updates, self.weighting)
+        for module, (a_key, b_key) in self.pairs.items():
+            B_res, A_res = residual_factors(*module_factors(updates, a_key, b_key), weights)
+            self.delta.add(module, self.scale * B_res, A_res)
+        return weighted_average([u.arrays for u in updates], weights)
+
+    def load_into(self, model: torch.nn.Module) -> None:
+        self.load_base(model)
+        load_trainable_state(model, self.global_arrays)
+
+
+register_method("fedex_lora", FedExLoRA, trainer="lora_sgd_base_delta", config_cls=FedExLoRAConfig)

@@ -1,0 +1,106 @@
+"""FLoRA: stack the clients' LoRA factors, merge the product into the base, restart.
+
+Implementation of FLoRA (Wang et al., NeurIPS'24, arXiv 2409.05976; official code
+ATP-1010/FederatedLLM), algorithms.md §7.  Clients may have different ranks ``r_k``
+(and scalings ``s_k = α_k / r_k``); stacking is exact for any of them::
+
+    B_stack = [s_1B_1, …, s_NB_N]   (m × Σr_k),   A_stack = [p_1A_1; …; p_NA_N]   (Σr_k × n)
+    B_stack A_stack = Σ_k p_k s_k B_k A_k
+    W0 ← W0 + B_stack A_stack;   every client restarts with a fresh LoRA (A random, B = 0)
+
+The head is averaged as in FedAvg.  ``ranks`` is cycled over partition ids
+(``[64,32,16,16,8,8,4,4,4,4]`` in the paper); ``alpha: proportional`` gives
+``α_k = (α/r)·r_k`` (the paper's α_k = 2r_k, one s for all), ``alpha: fixed`` gives
+``α_k = α`` (s_k = α/r_k).  The client is the ``lora_fresh_rank`` trainer.
+
+Bytes per client and round (b = 4): up ``b·Σ_l r_k(m_l+n_l)`` (+ head).  Down: the
+head plus the **cumulative** merged delta (:mod:`strategies.merged_base`), because a
+sampled client may have skipped rounds and keeps no model: ``merged: dense`` sends
+``b·Σ_l m_l n_l`` (independent of N); ``merged: factored`` sends the stacks of all
+past rounds, ``b·Σ_l (Σ_{t'<t} Σ_{k∈S_t'} r_k)(m_l+n_l)``, which in round 2 is the
+paper's ``b·Σ_k P_LoRA^(k)`` (linear in N) and grows by that much every round.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from clients.base_delta import client_rank, fresh_adapter, load_non_lora
+from fedtune.flower.strategy import Arrays, ClientUpdate, weights_for
+from fedtune.randomness import torch_generator
+from fedtune.registry import register_method
+from strategies.fedavg_lora import weighted_average
+from strategies.lora_math import WEIGHTINGS, lora_keys, module_factors, require_choice, stack_factors
+from strategies.merged_base import DELTA_MODES, MergedBaseStrategy
+
+
+@dataclass
+class FLoRAConfig:
+    """``strategy=flora``.
+
+    ranks : per-client LoRA ranks, cycled over partition ids (empty: ``model.lora.rank``).
+    alpha : ``proportional`` (α_k = α·r_k/r, same s) or ``fixed`` (α_k = α, s_k = α/r_k).
+    merged : how the cumulative merged delta travels, ``dense`` or ``factored``.
+    weighting : ``examples`` or ``uniform`` client weights p_k.
+    """
+
+    name: str = "flora"
+    ranks: list[int] = field(default_factory=list)
+    alpha: str = "proportional"
+    merged: str = "dense"
+    weighting: str = "examples"
+
+    def __post_init__(self) -> None:
+        if any(r < 1 for r in self.ranks):
+            raise ValueError(f"ranks must all be >= 1, got {self.ranks}")
+        require_choice("alpha", self.alpha, ("proportional", "fixed"))
+        require_choice("merged", self.merged, DELTA_MODES)
+        require_choice("weighting", self.weighting, WEIGHTINGS)
+
+
+class FLoRA(MergedBaseStrategy):
+    """Stacking aggregation with heterogeneous ranks; the global state is the head and ``D``."""
+
+    name = "flora"
+
+    def __init__(self, *, ranks: list[int] | tuple[int, ...] = (), alpha: str = "proportional",
+                 merged: str = "dense", **kwargs) -> None:  # type: ignore[no-untyped-def]
+        super().__init__(delta_mode=merged, **kwargs)
+        self.ranks, self.alpha = list(ranks), alpha
+
+    def rank_of(self, partition_id: int) -> tuple[int, float]:
+        """``(r_k, s_k)`` of a client."""
+        rank, alpha = client_rank(self.ranks, self.alpha, self.lora_rank, self.lora_alpha, partition_id)
+        return rank, alpha / rank
+
+    def initialize(self, arrays: Arrays) -> None:
+        super().initialize(arrays)  # learns the modules and their (m, n) from the LoRA keys
+        self.global_arrays = {k: v for k, v in self.global_arrays.items() if k not in lora_keys(arrays)}
+
+    def expected_upload(self, partition_id: int) -> dict[str, tuple[int, ...]]:
+        rank, _ = self.rank_of(partition_id)
+        shapes = {k: tuple(v.shape) for k, v in self.global_arrays.items()}
+        for module, (a_key, b_key) in self.pairs.items():
+            m, n = self.shapes[module]
+            shapes[a_key], shapes[b_key] = (rank, n), (m, rank)
+        return shapes
+
+    def aggregate(self, server_round: int, updates: list[ClientUpdate]) -> Arrays:
+        weights = weights_for(updates, self.weighting)
+        scales = [self.rank_of(u.partition_id)[1] for u in updates]
+        for module, (a_key, b_key) in self.pairs.items():
+            As, Bs = module_factors(updates, a_key, b_key)
+            self.delta.add(module, *stack_factors(As, Bs, weights, scales))
+        heads = [{k: u.arrays[k] for k in self.global_arrays} for u in updates]
+        return weighted_average(heads, weights)
+
+    def load_into(self, model: torch.nn.Module) -> None:
+        """``W0 + D`` with an all-zero adapter (B = 0) and the averaged head."""
+        self.load_base(model)
+        fresh_adapter(model, self.lora_rank, self.lora_alpha, torch_generator(self.seed, "server-adapter"))
+        load_non_lora(model, self.global_arrays)
+
+
+register_method("flora", FLoRA, trainer="lora_fresh_rank", config_cls=FLoRAConfig)

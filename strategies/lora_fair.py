@@ -1,0 +1,159 @@
+"""LoRA-FAIR: FedIT averages plus a server-side residual on ``B``.
+
+Implementation of LoRA-FAIR (Bian, Wang, Zhang, Xu, ICCV'25, arXiv 2411.14961),
+algorithms.md §3.  Averaging ``A`` and ``B`` separately (FedIT) misses the ideal
+product ``ΔW = Σ_k p_k B_k A_k``; LoRA-FAIR keeps ``Ā`` and corrects ``B̄`` so that the
+product points the same way as ``ΔW``, per LoRA module::
+
+    Ā = Σ p_k A_k,   B̄ = Σ p_k B_k,   ΔW = Σ p_k B_k A_k
+    ΔB* = argmin_ΔB  [1 − cos(ΔW, (B̄ + ΔB) Ā)] + λ ‖ΔB‖_F          (λ = 0.01)
+    clients start the next round from (Ā, B̄ + ΔB*);   W0 never changes
+
+The paper solves by SGD from ΔB = 0 without giving iterations or a step size, so
+both are configurable; the best iterate is kept, so the objective never exceeds its
+value at 0 and hence ``D(ΔW, (B̄+ΔB*)Ā) ≤ D(ΔW, B̄Ā)``.  Descent runs on
+``ΔB = ‖B̄‖_F·X`` (a scalar preconditioner: the cosine term is invariant to the scale
+of B, so a step size in X means the same for any model).  ``solver: ridge`` uses the
+closed form of the least-squares variant instead:
+``ΔB = (ΔW − B̄Ā) Āᵀ (ĀĀᵀ + λI)⁻¹`` (the minimiser of
+``‖ΔW − (B̄+ΔB)Ā‖_F² + λ‖ΔB‖_F²``).
+
+Bytes per client and round are FedIT's, ``4·P_LoRA`` (+ head) each way; the extra
+cost is server compute, O(N·m·n·r) per module plus the solve (timed by the base
+class into ``aggregate_seconds``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from fedtune.flower.strategy import Arrays, ClientUpdate, FedtuneStrategy, weights_for
+from fedtune.registry import register_method
+from strategies.fedavg_lora import weighted_average
+from strategies.lora_math import WEIGHTINGS, lora_pairs, module_factors, require_choice, weighted_product
+
+_TINY = 1e-30
+
+
+def cosine_distance(X: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
+    """``1 − cos(vec X, vec Y)`` (1 when either is zero)."""
+    denom = (torch.linalg.vector_norm(X) * torch.linalg.vector_norm(Y)).clamp_min(_TINY)
+    return 1.0 - (X * Y).sum() / denom
+
+
+def fair_objective(dW: torch.Tensor, B_bar: torch.Tensor, A_bar: torch.Tensor, lam: float,
+                   distance: str = "cosine") -> Callable[[torch.Tensor], torch.Tensor]:
+    """``ΔB ↦ D(ΔW, (B̄+ΔB)Ā) + reg(ΔB)``.
+
+    ``cosine``: ``1 − cos`` and ``λ‖ΔB‖_F`` (the paper); ``frobenius``:
+    ``‖ΔW − (B̄+ΔB)Ā‖_F²`` and ``λ‖ΔB‖_F²`` (the LS variant, minimised by :func:`solve_ridge`).
+    """
+    if distance == "cosine":
+        return lambda dB: cosine_distance(dW, (B_bar + dB) @ A_bar) + lam * torch.linalg.vector_norm(dB)
+    return lambda dB: ((dW - (B_bar + dB) @ A_bar) ** 2).sum() + lam * (dB ** 2).sum()
+
+
+def solve_ridge(dW: torch.Tensor, B_bar: torch.Tensor, A_bar: torch.Tensor, lam: float) -> torch.Tensor:
+    """Closed form ``ΔB = (ΔW − B̄Ā) Āᵀ (ĀĀᵀ + λI)⁻¹`` (pseudo-inverse when λ = 0)."""
+    E = dW - B_bar @ A_bar
+    if lam == 0:
+        return E @ torch.linalg.pinv(A_bar)
+    gram = A_bar @ A_bar.T + lam * torch.eye(A_bar.shape[0], dtype=A_bar.dtype)
+    return torch.linalg.solve(gram, A_bar @ E.T).T  # gram is symmetric
+
+
+def solve_iterative(dW: torch.Tensor, B_bar: torch.Tensor, A_bar: torch.Tensor, lam: float, steps: int,
+                    lr: float, distance: str = "cosine") -> torch.Tensor:
+    """Gradient descent from ``ΔB = 0``; returns the best iterate seen.
+
+    ``cosine`` descends on ``X`` with ``ΔB = ‖B̄‖_F·X`` at step ``lr``; ``frobenius``
+    descends on ``ΔB`` at step ``lr / L`` with ``L = 2(σ_max(Ā)² + λ)`` the gradient's
+    Lipschitz constant (so ``lr ≤ 1`` converges to :func:`solve_ridge`).
+    """
+    dW, B_bar, A_bar = (t.to(torch.float64) for t in (dW, B_bar, A_bar))
+    zero = torch.zeros_like(B_bar)
+    if torch.linalg.vector_norm(dW) == 0 or steps == 0:
+        return zero
+    objective = fair_objective(dW, B_bar, A_bar, lam, distance)
+    if distance == "cosine":
+        scale = float(torch.linalg.vector_norm(B_bar)) or 1.0
+        step = lr
+    else:
+        scale = 1.0
+        step = lr / (2.0 * (float(torch.linalg.matrix_norm(A_bar, ord=2)) ** 2 + lam))
+    X = torch.zeros_like(B_bar, requires_grad=True)
+    best, best_value = zero, float(objective(zero))
+    with torch.enable_grad():
+        for _ in range(steps):
+            value = objective(scale * X)
+            if float(value.detach()) < best_value:
+                best, best_value = (scale * X).detach().clone(), float(value.detach())
+            (grad,) = torch.autograd.grad(value, X)
+            with torch.no_grad():
+                X -= step * grad
+    last = (scale * X).detach()
+    return last if float(objective(last)) < best_value else best
+
+
+@dataclass
+class LoRAFAIRConfig:
+    """``strategy=lora_fair``.
+
+    solver : ``iterative`` (the paper's descent from 0) or ``ridge`` (closed form, LS).
+    distance : data term of the iterative solver, ``cosine`` (paper) or ``frobenius`` (LS).
+    lam : λ, the regulariser weight (0.01 in the paper).
+    steps, lr : iterations and step size of the iterative solver (not given by the paper).
+    weighting : ``examples`` or ``uniform`` client weights p_k.
+    """
+
+    name: str = "lora_fair"
+    solver: str = "iterative"
+    distance: str = "cosine"
+    lam: float = 0.01
+    steps: int = 100
+    lr: float = 0.2
+    weighting: str = "examples"
+
+    def __post_init__(self) -> None:
+        require_choice("solver", self.solver, ("iterative", "ridge"))
+        require_choice("distance", self.distance, ("cosine", "frobenius"))
+        require_choice("weighting", self.weighting, WEIGHTINGS)
+        if not self.lam >= 0:
+            raise ValueError(f"lam must be >= 0, got {self.lam}")
+        if self.steps < 0:
+            raise ValueError(f"steps must be >= 0, got {self.steps}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+
+
+class LoRAFAIR(FedtuneStrategy):
+    """FedIT averages with ``B̄ ← B̄ + ΔB*`` per module (head and ``Ā`` averaged as in FedAvg)."""
+
+    name = "lora_fair"
+
+    def __init__(self, *, solver: str = "iterative", distance: str = "cosine", lam: float = 0.01,
+                 steps: int = 100, lr: float = 0.2, **kwargs) -> None:  # type: ignore[no-untyped-def]
+        super().__init__(**kwargs)
+        self.solver, self.distance, self.lam, self.steps, self.lr = solver, distance, lam, steps, lr
+
+    def correction(self, dW: torch.Tensor, B_bar: torch.Tensor, A_bar: torch.Tensor) -> torch.Tensor:
+        """``ΔB*`` for one module, by the configured solver."""
+        if self.solver == "ridge":
+            return solve_ridge(dW, B_bar, A_bar, self.lam)
+        return solve_iterative(dW, B_bar, A_bar, self.lam, self.steps, self.lr, self.distance)
+
+    def aggregate(self, server_round: int, updates: list[ClientUpdate]) -> Arrays:
+        weights = weights_for(updates, self.weighting)
+        out = weighted_average([u.arrays for u in updates], weights)
+        for a_key, b_key in lora_pairs(out).values():
+            As, Bs = module_factors(updates, a_key, b_key)
+            A_bar, B_bar = out[a_key].to(torch.float64), out[b_key].to(torch.float64)
+            dB = self.correction(weighted_product(As, Bs, weights), B_bar, A_bar)
+            out[b_key] = (B_bar + dB).to(out[b_key].dtype)
+        return out
+
+
+register_method("lora_fair", LoRAFAIR, trainer="lora_sgd", config_cls=LoRAFAIRConfig)
