@@ -11,6 +11,7 @@ to their device afterwards, so CPU and GPU runs see bit-identical draws.
 from __future__ import annotations
 
 import hashlib
+import math
 from typing import Union
 
 import numpy as np
@@ -40,3 +41,72 @@ def numpy_rng(seed: int, *keys: Key) -> np.random.Generator:
 def seed_torch(seed: int, *keys: Key) -> None:
     """Seed torch's global RNG (dropout, peft init) for the stream ``(seed, *keys)``."""
     torch.manual_seed(derive_seed(seed, *keys))
+
+
+# ---------------------------------------------------------------------------------------
+# Seeded directions (FedKSeed arXiv 2312.06353, Ferret arXiv 2409.06277; algorithms.md §1.2)
+#
+# A *direction* ``z(s) ∈ R^n`` is one flat fp32 draw of length ``n`` from a CPU
+# ``torch.Generator`` seeded with ``s``.  For a model, ``n = Σ numel`` of the tuned
+# parameters concatenated in canonical (sorted-name) order, and parameter ``i`` reads
+# its slice of ``z``; so the draw never depends on device, dtype or process.  Kinds:
+# ``gaussian`` (N(0, 1) per coordinate) and ``uniform`` (U(−1/√n, 1/√n): the N(0, 1)
+# truncated to ±1/√n used by Ferret, up to an O(1/n) density variation; ‖z‖ ≤ 1 and
+# second moment ρ = 1/(3n)).
+DIRECTION_KINDS = ("gaussian", "uniform")
+_CHUNK_FLOATS = 1 << 22  # rows per chunk = this / n (16 MiB of fp32 scratch)
+
+
+def seed_pool(seed: int, count: int, *keys: Key) -> torch.Tensor:
+    """``count`` candidate seeds (int64) for the stream ``(seed, *keys, j)``, j < count."""
+    return torch.tensor([derive_seed(seed, *keys, j) for j in range(count)], dtype=torch.int64)
+
+
+def second_moment(kind: str, numel: int) -> float:
+    """ρ = E[z_i²] of one coordinate of a direction of length ``numel``."""
+    return 1.0 if kind == "gaussian" else 1.0 / (3.0 * numel)
+
+
+def draw_directions(seeds: torch.Tensor | list[int], numel: int, kind: str = "gaussian",
+                    out: torch.Tensor | None = None) -> torch.Tensor:
+    """Rows ``z(s)`` for each seed ``s``: a ``(len(seeds), numel)`` CPU fp32 tensor.
+
+    One generator is re-seeded per row (no allocation per seed); ``out`` is filled in
+    place when given, so a caller can reuse one scratch buffer across calls.
+    """
+    if kind not in DIRECTION_KINDS:
+        raise ValueError(f"kind: unknown direction kind {kind!r}; accepted: {', '.join(DIRECTION_KINDS)}")
+    seeds = [int(s) for s in seeds]
+    if out is None:
+        out = torch.empty(len(seeds), numel, dtype=torch.float32)
+    gen = torch.Generator(device="cpu")
+    bound = 1.0 / math.sqrt(numel)
+    for row, s in zip(out, seeds):
+        gen.manual_seed(s)
+        if kind == "gaussian":
+            torch.randn(numel, generator=gen, out=row)
+        else:
+            row.uniform_(-bound, bound, generator=gen)
+    return out
+
+
+def add_directions(target: torch.Tensor, seeds: torch.Tensor | list[int], coeffs: torch.Tensor,
+                   kind: str = "gaussian", alpha: float = 1.0) -> torch.Tensor:
+    """``target += alpha · Σ_j coeffs[j] · z(seeds[j])`` in place (``target`` is flat fp32).
+
+    The vectorised "replay": seeds with a zero coefficient are skipped, the others are
+    drawn in chunks into one reused ``(rows, n)`` buffer and applied with one
+    matrix-vector product per chunk (O(K·n) RNG, no per-seed Python arithmetic).
+    """
+    coeffs = torch.as_tensor(coeffs, dtype=torch.float32).reshape(-1)
+    seeds = torch.as_tensor(seeds, dtype=torch.int64).reshape(-1)
+    keep = coeffs != 0
+    seeds, coeffs = seeds[keep], coeffs[keep] * alpha
+    numel = target.numel()
+    rows = max(1, min(len(seeds), _CHUNK_FLOATS // max(numel, 1)))
+    buf = torch.empty(rows, numel, dtype=torch.float32)
+    for start in range(0, len(seeds), rows):
+        stop = min(start + rows, len(seeds))
+        block = draw_directions(seeds[start:stop], numel, kind, out=buf[: stop - start])
+        target.add_(coeffs[start:stop] @ block)
+    return target

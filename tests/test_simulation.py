@@ -64,14 +64,30 @@ def test_payload_bytes_are_exactly_the_lora_factors_and_head(runs: list[Path]) -
             assert 0 < framing <= 700 * n_arrays + 2000
     control = [r for r in ledger if r["kind"] == "control"]
     assert len(control) == 4 * 2 and all(int(r["payload_bytes"]) == 0 for r in control)
+    assert sorted(int(r["partition_id"]) for r in control) == [0, 0, 1, 1, 2, 2, 3, 3]  # roll-call attributed
     rows = _rows(runs[0])
     assert int(rows[1]["payload_up"]) == 4 * 4 * (P_LORA_TINY + HEAD_TINY)
 
 
+WIRE_COLUMNS = ("bytes_up", "bytes_down", "cumulative_bytes")
+
+
 def test_same_seed_same_metrics(runs: list[Path]) -> None:
-    strip = lambda rows: [{k: v for k, v in r.items() if k not in TIMING_COLUMNS} for r in rows]  # noqa: E731
-    assert strip(_rows(runs[0])) == strip(_rows(runs[1]))
-    assert (runs[0] / "ledger.csv").read_text() == (runs[1] / "ledger.csv").read_text()
+    """Identical except wall time and the message envelopes' random 64-bit node/run ids.
+
+    Flower draws node and run ids at random; protobuf encodes them as varints, so an
+    envelope can differ by a byte or two.  Everything the seed controls is identical.
+    """
+    a, b = _rows(runs[0]), _rows(runs[1])
+    strip = lambda rows: [{k: v for k, v in r.items() if k not in TIMING_COLUMNS + WIRE_COLUMNS} for r in rows]  # noqa: E731
+    assert strip(a) == strip(b)
+    messages_per_round = 4 * 2
+    for ra, rb in zip(a[1:], b[1:]):
+        for key in ("bytes_up", "bytes_down"):
+            assert abs(int(ra[key]) - int(rb[key])) <= 3 * messages_per_round
+    ledger = [list(csv.DictReader(open(r / "ledger.csv", newline=""))) for r in runs]
+    assert [(x["server_round"], x["partition_id"], x["direction"], x["kind"], x["payload_bytes"]) for x in ledger[0]] == \
+        [(x["server_round"], x["partition_id"], x["direction"], x["kind"], x["payload_bytes"]) for x in ledger[1]]
 
 
 def test_adapter_loads_with_peft_and_reproduces_final_accuracy(runs: list[Path]) -> None:
@@ -87,7 +103,7 @@ def test_adapter_loads_with_peft_and_reproduces_final_accuracy(runs: list[Path])
     model = PeftModel.from_pretrained(base, str(runs[0] / "adapter"))
     _, acc = evaluate(model, ws.encoded("test"), 64, ws.device)
     summary = json.loads((runs[0] / "summary.json").read_text())
-    assert acc == pytest.approx(summary["final_accuracy"], abs=1e-9)
+    assert acc == pytest.approx(summary["final_accuracy"], abs=5e-7)  # metrics.csv keeps 6 decimals
 
 
 def test_plot_command_writes_pngs(runs: list[Path], tmp_path: Path) -> None:

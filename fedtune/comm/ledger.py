@@ -18,7 +18,7 @@ the per-round and cumulative totals that ``metrics.csv`` and the plots read.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, replace
 from typing import Iterable
 
 import numpy as np
@@ -38,6 +38,7 @@ class WireRecord:
     kind: str  # "train", "control" (roll-call) or "one_time" (setup broadcasts)
     wire_bytes: int
     payload_bytes: int
+    node_id: int = field(default=0, compare=False)  # Flower's random id: kept out of the CSV
 
 
 def payload_bytes(content: RecordDict) -> int:
@@ -62,11 +63,17 @@ class Ledger:
     def __init__(self, records: Iterable[WireRecord] = ()) -> None:
         self.records: list[WireRecord] = list(records)
 
-    def record(self, message: Message, server_round: int, partition_id: int, direction: str, kind: str) -> WireRecord:
+    def record(self, message: Message, server_round: int, partition_id: int, direction: str, kind: str,
+               node_id: int = 0) -> WireRecord:
         wire, payload = measure(message)
-        rec = WireRecord(server_round, partition_id, direction, kind, wire, payload)
+        rec = WireRecord(server_round, partition_id, direction, kind, wire, payload, node_id)
         self.records.append(rec)
         return rec
+
+    def attribute(self, partition_of_node: dict[int, int]) -> None:
+        """Fill in the partition of records made before it was known (the roll-call)."""
+        self.records = [replace(r, partition_id=partition_of_node.get(r.node_id, -1)) if r.partition_id < 0 else r
+                        for r in self.records]
 
     def round_totals(self, server_round: int) -> dict[str, int]:
         """Wire and payload bytes of one round, per direction."""
@@ -82,4 +89,6 @@ class Ledger:
         return sum(r.wire_bytes for r in self.records if r.server_round <= up_to_round)
 
     def rows(self) -> list[dict[str, int | str]]:
-        return [asdict(r) for r in self.records]
+        """One dict per record, in a deterministic order (replies arrive in any order)."""
+        order = sorted(self.records, key=lambda r: (r.server_round, r.kind, r.direction != DOWN, r.partition_id))
+        return [{k: v for k, v in asdict(r).items() if k != "node_id"} for r in order]

@@ -40,7 +40,7 @@ class MeteredGrid(Grid):
         for m in messages:
             node = m.metadata.dst_node_id if direction == DOWN else m.metadata.src_node_id
             self.ledger.record(m, self.server_round, self.partition_of(node), direction,
-                               _kind(m.metadata.message_type))
+                               _kind(m.metadata.message_type), node)
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         messages = list(messages)

@@ -22,7 +22,6 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedtune.config import RunConfig, compose
 from fedtune.evaluation import evaluate
-from fedtune.models.state import trainable_state
 from fedtune.registry import METHODS
 from fedtune.results.store import RunStore, atomic_write_dir
 from fedtune.runtime.environment import quiet_libraries
@@ -102,7 +101,7 @@ def _run_rounds(grid: Grid, cfg: RunConfig, store: RunStore) -> dict[str, Any]:
               f"total {_mb(row['cumulative_bytes'])}  {now - t_start:.1f}s", flush=True)
         return MetricRecord({"eval-loss": loss, "eval-accuracy": acc})
 
-    initial = ArrayRecord(trainable_state(model))
+    initial = ArrayRecord(workspace.initial_arrays())
     strategy.start(grid=grid, initial_arrays=initial, num_rounds=cfg.num_rounds, evaluate_fn=evaluate_fn)
 
     strategy.load_into(model)

@@ -221,6 +221,7 @@ class FedtuneStrategy(Strategy):
                                    f"which is duplicated or outside [0, {self.num_clients})")
             self.node_of[pid] = reply.metadata.src_node_id
             self.partition_of_node[reply.metadata.src_node_id] = pid
+        self.ledger.attribute(self.partition_of_node)
         if len(self.node_of) < self.num_clients:
             missing = sorted(set(range(self.num_clients)) - set(self.node_of))
             raise RuntimeError(f"no node answered the roll-call for partitions {missing[:10]}")

@@ -80,11 +80,24 @@ class Workspace:
         return TRAINERS.get(METHODS.get(self.cfg.strategy.name).trainer)
 
     def model(self) -> torch.nn.Module:
-        """The adapted model (frozen base + the method's trainable part), built once."""
+        """The adapted model (frozen base + the method's trainable part), built once per process.
 
-        def make() -> torch.nn.Module:
+        It is shared by every run and client this process serves with the same config, so
+        callers always load the state they need into it (see :meth:`initial_arrays`).
+        """
+        return self._built()[0]
+
+    def initial_arrays(self) -> dict[str, torch.Tensor]:
+        """The trainable state as built from the seed (the run's round-0 global state)."""
+        return {k: v.clone() for k, v in self._built()[1].items()}
+
+    def _built(self) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
+        def make() -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
+            from fedtune.models.state import trainable_state
+
             base = MODELS.get(self.cfg.model.name).build(self.cfg.model, self.data.num_labels, self.cfg.seed)
             base.to(self.device)  # device first, then the adapter (Opacus issue 820), then DP
-            return self.trainer.build_model(base, self.cfg)
+            model = self.trainer.build_model(base, self.cfg)
+            return model, trainable_state(model)
 
         return _cached(self._key("model", "model", "dataset", "strategy", extra=[self.cfg.seed, str(self.device)]), make)

@@ -1,0 +1,312 @@
+"""FedKSeed and FedKSeed-Pro: zeroth-order full-parameter tuning over K shared seeds.
+
+Implementation of FedKSeed (Qin et al., "Federated Full-Parameter Tuning of Billion-Sized
+Language Models with Communication Cost under 18 Kilobytes", ICML'24, arXiv 2312.06353),
+algorithms.md §5.
+
+Every party derives the same **K candidate seeds** ``s_1..s_K`` from the run seed, and
+``z_j = z(s_j) ∈ R^d`` is the seeded Gaussian direction over the tuned parameters
+(:func:`fedtune.randomness.draw_directions`).  A client runs τ two-point (MeZO-style)
+steps in eval mode, drawing ``j_t`` uniformly (Pro: from ``p``)::
+
+    g_t = (L(θ + ε z_{j_t}; B_t) − L(θ − ε z_{j_t}; B_t)) / (2ε),    θ ← θ − η g_t z_{j_t}
+
+and uploads the τ pairs ``(j_t, g_t)`` (or their per-seed sums, K floats).  The server
+keeps one accumulator per seed, never reset, ``a_j ← a_j + Σ_k p_k Σ_{t: j_t = j} g_{k,t}``
+(``p_k = n_k / Σ n``), and the global model is, by linearity of the update in g,
+
+    θ = θ0 − η Σ_j a_j z_j,
+
+exact only for a constant η, zero weight decay and the same η everywhere (refused
+otherwise).  A client that was away any number of rounds needs only ``a``: it replays
+``a − a_last`` onto its cached model, or ``a`` onto θ0 (:class:`SeedReplica`).
+
+Pro keeps each seed's history of scalar gradients ``h_j`` (starting ``[0]``) and sends
+``p = softmax(ψ̃)``, ``ψ_j = mean |clip(h_j, ±1000)|``, ``ψ̃`` min–max normalised, so
+``max p / min p ≤ e``.
+
+Bytes per client and round (§5.6): down ``4K`` (+ ``4K`` for p), up ``τ(4 + b_idx)``
+(pairs, ``b_idx`` = 2 for K ≤ 32768) or ``4K`` (sums).  The seeds themselves derive from
+the run seed (no one-time transfer).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from logging import WARNING
+from typing import Callable
+
+import torch
+from flwr.common.logger import log
+
+from fedtune.errors import ConfigError
+from fedtune.flower.strategy import Arrays, ClientUpdate, FedtuneStrategy, weights_for
+from fedtune.randomness import add_directions, draw_directions, seed_pool
+from fedtune.registry import register_method
+
+# Which parameters are tuned: name substrings (None = every parameter).
+TRAINABLE_PRESETS: dict[str, tuple[str, ...] | None] = {
+    "all": None,
+    "no_embeddings": ("encoder.", "pooler.", "classifier.", "embeddings.LayerNorm"),
+    "bias_and_head": ("bias", "LayerNorm", "pooler.", "classifier."),
+    "head_and_norms": ("LayerNorm", "pooler.", "classifier."),
+}
+ENCODINGS = ("pairs", "sums")
+PRO_CLIP = 1000.0
+
+
+def is_tuned(name: str, preset: str) -> bool:
+    """Whether parameter ``name`` is tuned under ``trainable: <preset>``."""
+    parts = TRAINABLE_PRESETS[preset]
+    return parts is None or any(p in name for p in parts)
+
+
+def check_exact(cfg) -> None:  # type: ignore[no-untyped-def]
+    """Refuse settings under which ``θ0 − η Σ a_j z_j`` is not the trained model."""
+    if cfg.train.weight_decay != 0:
+        raise ConfigError(f"train.weight_decay must be 0 for {cfg.strategy.name} (the per-seed accumulators "
+                          f"replay the model only without decay), got {cfg.train.weight_decay}")
+
+
+def flatten(arrays: Arrays) -> tuple[list[str], list[torch.Size], torch.Tensor]:
+    """Sorted names, shapes and the fp32 concatenation (canonical order of §1.2)."""
+    names = sorted(arrays)
+    flat = torch.cat([arrays[n].detach().reshape(-1).to("cpu", torch.float32) for n in names])
+    return names, [arrays[n].shape for n in names], flat
+
+
+def unflatten(flat: torch.Tensor, names: list[str], shapes: list[torch.Size]) -> Arrays:
+    out, pos = {}, 0
+    for name, shape in zip(names, shapes):
+        n = shape.numel()
+        out[name] = flat[pos: pos + n].reshape(shape).clone()
+        pos += n
+    return out
+
+
+class SeedReplica:
+    """``θ = θ0 + apply(c)`` for a coefficient tensor ``c`` the model is linear in.
+
+    :meth:`sync` moves θ to new coefficients by replaying only the changed entries
+    (``apply(θ, c_new − c_old)``), or rebuilds from θ0 when that touches fewer seeds
+    (first call, a new run in the same process).
+    """
+
+    def __init__(self, theta0: torch.Tensor, apply: Callable[[torch.Tensor, torch.Tensor], None]) -> None:
+        self.theta0, self.apply = theta0.clone(), apply
+        self.theta, self.coeffs = theta0.clone(), None
+
+    def rebuild(self, coeffs: torch.Tensor) -> torch.Tensor:
+        theta = self.theta0.clone()
+        self.apply(theta, coeffs)
+        return theta
+
+    def sync(self, coeffs: torch.Tensor) -> int:
+        """Bring θ to ``coeffs``; return how many seeds were replayed."""
+        coeffs = coeffs.to(torch.float32)
+        delta = coeffs if self.coeffs is None else coeffs - self.coeffs
+        changed, total = int((delta != 0).sum()), int((coeffs != 0).sum())
+        if self.coeffs is None or total <= changed:
+            self.theta, changed = self.rebuild(coeffs), total
+        else:
+            self.apply(self.theta, delta)
+        self.coeffs = coeffs.clone()
+        return changed
+
+
+def zo_steps(theta: torch.Tensor, seeds: torch.Tensor, loss_at: Callable[[torch.Tensor, int], float],
+             eps: float, lr: float, grad_clip: float = 0.0) -> tuple[torch.Tensor, list[float]]:
+    """τ two-point SPSA steps on ``theta`` (updated in place, any float dtype).
+
+    ``loss_at(vector, t)`` evaluates the loss at parameters ``vector`` on step t's batch.
+    Returns the scalar gradients ``g_t`` (a step with ``|ℓ+ − ℓ−| > grad_clip > 0`` is
+    skipped, g = 0) and the mean losses ``(ℓ+ + ℓ−)/2``.
+    """
+    buf = torch.empty(1, theta.numel(), dtype=torch.float32)
+    grads, losses = torch.zeros(len(seeds), dtype=torch.float32), []
+    for t, s in enumerate(seeds.tolist()):
+        z = draw_directions([s], theta.numel(), out=buf)[0].to(theta.device, theta.dtype)
+        plus, minus = loss_at(theta + eps * z, t), loss_at(theta - eps * z, t)
+        losses.append(0.5 * (plus + minus))
+        if grad_clip > 0 and abs(plus - minus) > grad_clip:
+            continue
+        grads[t] = (plus - minus) / (2 * eps)
+        theta.add_(z, alpha=-lr * float(grads[t]))
+    return grads, losses
+
+
+def drop_invalid(updates: list[ClientUpdate], problem: Callable[[Arrays], str]) -> list[ClientUpdate]:
+    """Leave out (and log) uploads whose integer content is inconsistent (``problem`` ≠ "")."""
+    kept = []
+    for u in updates:
+        if reason := problem(u.arrays):
+            log(WARNING, "client %d: rejected payload: %s", u.partition_id, reason)
+        else:
+            kept.append(u)
+    return kept
+
+
+def bad_indices(indices: torch.Tensor, num_seeds: int) -> str:
+    if len(indices) and (int(indices.min()) < 0 or int(indices.max()) >= num_seeds):
+        return f"seed indices outside [0, {num_seeds})"
+    return ""
+
+
+def index_dtype(num_seeds: int) -> torch.dtype:
+    """Smallest signed integer type holding seed indices ``< num_seeds``."""
+    return torch.int16 if num_seeds <= 1 << 15 else torch.int32
+
+
+def upload_shapes(num_seeds: int, local_steps: int, encoding: str) -> dict[str, tuple[int, ...]]:
+    if encoding == "sums":
+        return {"sums": (num_seeds,)}
+    return {"indices": (local_steps,), "values": (local_steps,)}
+
+
+def encode_upload(indices: torch.Tensor, grads: torch.Tensor, num_seeds: int, encoding: str) -> Arrays:
+    """The τ pairs as (int indices, fp32 values), or their per-seed sums (K fp32)."""
+    if encoding == "sums":
+        return {"sums": per_seed_sums(indices, grads, num_seeds).float()}
+    return {"indices": indices.to(index_dtype(num_seeds)), "values": grads.float()}
+
+
+def per_seed_sums(indices: torch.Tensor, values: torch.Tensor, num_seeds: int) -> torch.Tensor:
+    """``Σ_{t: j_t = j} values_t`` for every seed j (fp64)."""
+    return torch.zeros(num_seeds, dtype=torch.float64).index_add_(0, indices.long(), values.double())
+
+
+def pro_probabilities(abs_sum: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """FedKSeed-Pro sampling probabilities from each seed's mean |clipped g| (fp32)."""
+    psi = abs_sum.double() / counts.double()
+    span = psi.max() - psi.min()
+    p = torch.softmax((psi - psi.min()) / (span + 1e-10), dim=0)
+    return (p / p.sum()).float()
+
+
+@dataclass
+class FedKSeedConfig:
+    """``strategy=fedkseed`` (see ``configs/strategy/fedkseed.yaml``).
+
+    num_seeds : K candidate seeds.       local_steps : τ ZO steps per round.
+    batch_size : examples per ZO step.   eps : perturbation scale ε.
+    lr : the constant η (client steps and server replay).
+    trainable : tuned parameters, a key of :data:`TRAINABLE_PRESETS`.
+    encoding : upload ``pairs`` (τ index/value pairs) or ``sums`` (K per-seed sums).
+    grad_clip : skip a step with ``|ℓ+ − ℓ−|`` above this (0 = off).
+    weighting : ``examples`` or ``uniform`` client weights.
+    """
+
+    name: str = "fedkseed"
+    num_seeds: int = 4096
+    local_steps: int = 200
+    batch_size: int = 1
+    eps: float = 5e-4
+    lr: float = 1e-3
+    trainable: str = "head_and_norms"
+    encoding: str = "pairs"
+    grad_clip: float = 0.0
+    weighting: str = "examples"
+
+    def __post_init__(self) -> None:
+        for key in ("num_seeds", "local_steps", "batch_size"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")
+        if self.num_seeds > 1 << 31:
+            raise ValueError(f"num_seeds must be <= 2**31, got {self.num_seeds}")
+        for key in ("eps", "lr"):
+            if not getattr(self, key) > 0:
+                raise ValueError(f"{key} must be > 0, got {getattr(self, key)}")
+        if self.grad_clip < 0:
+            raise ValueError(f"grad_clip must be >= 0 (0 = off), got {self.grad_clip}")
+        if self.trainable not in TRAINABLE_PRESETS:
+            raise ValueError(f"trainable: unknown {self.trainable!r}; accepted: {', '.join(TRAINABLE_PRESETS)}")
+        if self.encoding not in ENCODINGS:
+            raise ValueError(f"encoding: unknown {self.encoding!r}; accepted: {', '.join(ENCODINGS)}")
+        if self.weighting not in ("examples", "uniform"):
+            raise ValueError(f"weighting: unknown {self.weighting!r}; accepted: examples, uniform")
+
+
+@dataclass
+class FedKSeedProConfig(FedKSeedConfig):
+    """``strategy=fedkseed_pro``: as FedKSeed; needs ``encoding: pairs`` for the histories."""
+
+    name: str = "fedkseed_pro"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.encoding != "pairs":
+            raise ValueError(f"encoding must be 'pairs' for fedkseed_pro (per-step |g| histories), "
+                             f"got {self.encoding!r}")
+
+
+class FedKSeed(FedtuneStrategy):
+    """Server half: per-seed accumulators, replayed onto θ0 (see the module docstring)."""
+
+    name = "fedkseed"
+    pro = False
+
+    def __init__(self, *, num_seeds: int = 4096, local_steps: int = 200, lr: float = 1e-3,
+                 encoding: str = "pairs", batch_size: int = 1, eps: float = 5e-4,
+                 trainable: str = "head_and_norms", grad_clip: float = 0.0, **base) -> None:  # type: ignore[no-untyped-def]
+        super().__init__(**base)
+        self.num_seeds, self.local_steps, self.lr, self.encoding = num_seeds, local_steps, lr, encoding
+        self.seeds = seed_pool(self.seed, num_seeds, "fedkseed-pool")
+        self.accumulators = torch.zeros(num_seeds, dtype=torch.float32)
+        self.abs_sum = torch.zeros(num_seeds, dtype=torch.float64)  # Pro: Σ|clip(g)| per seed,
+        self.counts = torch.ones(num_seeds, dtype=torch.float64)    # over the history [0, g...]
+        self.probabilities = torch.full((num_seeds,), 1.0 / num_seeds)
+        self.replica: SeedReplica | None = None
+
+    @classmethod
+    def from_config(cls, cfg) -> "FedKSeed":  # type: ignore[no-untyped-def]
+        check_exact(cfg)
+        return super().from_config(cfg)  # type: ignore[return-value]
+
+    def replay(self, theta: torch.Tensor, coeffs: torch.Tensor) -> None:
+        """``θ ← θ − η Σ_j c_j z_j``."""
+        add_directions(theta, self.seeds, coeffs, "gaussian", alpha=-self.lr)
+
+    def initialize(self, arrays: Arrays) -> None:
+        super().initialize(arrays)
+        self.names, self.shapes, theta0 = flatten(arrays)
+        self.replica = SeedReplica(theta0, self.replay)
+
+    def downlink(self, server_round: int, partition_id: int) -> Arrays:
+        out = {"accumulators": self.accumulators}
+        return {**out, "probabilities": self.probabilities} if self.pro else out
+
+    def expected_upload(self, partition_id: int) -> dict[str, tuple[int, ...]]:
+        return upload_shapes(self.num_seeds, self.local_steps, self.encoding)
+
+    def aggregate(self, server_round: int, updates: list[ClientUpdate]) -> Arrays:
+        updates = drop_invalid(updates, lambda a: bad_indices(a.get("indices", torch.zeros(0)), self.num_seeds))
+        if not updates:
+            return self.global_arrays
+        delta = torch.zeros(self.num_seeds, dtype=torch.float64)
+        for w, u in zip(weights_for(updates, self.weighting), updates):
+            if self.encoding == "sums":
+                delta += w * u.arrays["sums"].double()
+            else:
+                idx = u.arrays["indices"].long()
+                delta += w * per_seed_sums(idx, u.arrays["values"], self.num_seeds)
+                if self.pro:
+                    clipped = u.arrays["values"].double().clamp(-PRO_CLIP, PRO_CLIP).abs()
+                    self.abs_sum.index_add_(0, idx, clipped)
+                    self.counts.index_add_(0, idx, torch.ones_like(clipped))
+        self.accumulators = (self.accumulators.double() + delta).float()
+        if self.pro:
+            self.probabilities = pro_probabilities(self.abs_sum, self.counts)
+        assert self.replica is not None, "initialize() must run first"
+        self.replica.sync(self.accumulators)
+        return unflatten(self.replica.theta, self.names, self.shapes)
+
+
+class FedKSeedPro(FedKSeed):
+    """FedKSeed-Pro: seeds sampled from probabilities sent down every round."""
+
+    name = "fedkseed_pro"
+    pro = True
+
+
+register_method("fedkseed", FedKSeed, trainer="zo_seeds", config_cls=FedKSeedConfig)
+register_method("fedkseed_pro", FedKSeedPro, trainer="zo_seeds", config_cls=FedKSeedProConfig)

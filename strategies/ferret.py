@@ -1,0 +1,215 @@
+"""Ferret: first-order local updates, shared-randomness projection, exact aggregation.
+
+Implementation of Ferret (Shu, Hu, Ng, Low, Yu, "Ferret: Federated Full-Parameter Tuning
+at Scale for Large Language Models", ICML'25, arXiv 2409.06277), algorithms.md §6.
+
+A client runs T first-order steps from the global ``w`` and forms ``Δ = w_old − w_new``.
+The tuned parameters are split into L blocks (:func:`make_blocks`, a deterministic
+function of the parameter names and shapes).  Block l of size ``d_l`` gets
+``K_l = max(⌊K ‖Δ_l‖ / max_l' ‖Δ_l'‖⌋, 2)`` bases chosen from a shared pool of K seeds;
+the basis of (seed j, block l) is ``v_{j,l} ~ U(−1/√d_l, 1/√d_l)^{d_l}`` (the truncated
+normal of the paper; second moment ``ρ_l = 1/(3 d_l)``, ``E[v vᵀ] = ρ_l I``).  Coordinates
+
+    γ_{j,l} = (ρ_l K_l)^{-1} ⟨v_{j,l}, Δ_l⟩      ("unbiased", E[Σ_j γ_{j,l} v_{j,l}] = Δ_l)
+    γ_{j,l} = (d_l / K_l)   ⟨v_{j,l}, Δ_l⟩      ("official" code: E[...] = Δ_l / 3)
+
+are uploaded as (index, value) pairs.  Because every client uses the same pool, the
+server averages coordinates per (seed, block), ``γ̄ = Σ_k p_k γ^{(k)}`` (exact by
+linearity: ``Σ_k p_k Σ_j γ_j^{(k)} v_j = Σ_j γ̄_j v_j``), and reconstructs once, clipping
+each ``‖γ̄_{j,l} v_{j,l}‖ ≤ clip`` and scaling by the server lr ``η_s``::
+
+    w ← w − Σ_{j,l} c_{j,l} v_{j,l},   c_{j,l} = η_s γ̄_{j,l} min(1, clip / (|γ̄_{j,l}| ‖v_{j,l}‖)).
+
+Each ``c`` is a scalar multiple of a shared basis, so the global model is
+``w0 − Σ_{j,l} C_{j,l} v_{j,l}`` with the accumulated ``C ∈ R^{K×L}``: the downlink is C
+(``4KL`` bytes, "≤ K·L" of §8) and a client syncs by replaying ``C − C_last``, exactly
+as FedKSeed (:class:`~strategies.fedkseed.SeedReplica`).  Uplink per client and round:
+``4L`` (the K_l) + ``(4 + b_idx) Σ_l K_l``.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from dataclasses import dataclass
+
+import torch
+
+from fedtune.flower.strategy import Arrays, ClientUpdate, FedtuneStrategy, weights_for
+from fedtune.randomness import add_directions, derive_seed, draw_directions, seed_pool
+from fedtune.registry import register_method
+from strategies.fedkseed import (TRAINABLE_PRESETS, SeedReplica, bad_indices, drop_invalid, flatten, index_dtype,
+                                 unflatten)
+
+SCALINGS = ("unbiased", "official")
+
+
+def make_blocks(numels: list[int]) -> list[tuple[int, int]]:
+    """Flat ``(start, stop)`` ranges: parameters (canonical order) grouped until the next
+    one would push a group past 0.9 × the median parameter size (official code, §6.3)."""
+    target = 0.9 * statistics.median(numels)
+    blocks, start, size, pos = [], 0, 0, 0
+    for n in numels:
+        if size and size + n > target:
+            blocks.append((start, pos))
+            start, size = pos, 0
+        size, pos = size + n, pos + n
+    blocks.append((start, pos))
+    return blocks
+
+
+def block_seeds(pool: torch.Tensor, num_blocks: int) -> torch.Tensor:
+    """Stream seed of basis (j, l): ``(K, L)`` int64, derived from pool seed j and l."""
+    return torch.tensor([[derive_seed(int(s), "block", b) for b in range(num_blocks)] for s in pool.tolist()],
+                        dtype=torch.int64)
+
+
+def seeds_per_block(norms: torch.Tensor, num_seeds: int) -> torch.Tensor:
+    """Adaptive ``K_l = max(⌊K ‖Δ_l‖ / max ‖Δ‖⌋, 2)`` (capped at K)."""
+    top = float(norms.max())
+    k = torch.floor(num_seeds * norms.double() / top).long() if top > 0 else torch.zeros_like(norms, dtype=torch.long)
+    return k.clamp(min=min(2, num_seeds), max=num_seeds)
+
+
+def coordinate_scale(scaling: str, block_size: int, k: int) -> float:
+    """``1/(ρ K_l) = 3 d_l / K_l`` (unbiased) or ``d_l / K_l`` (official)."""
+    return (3.0 if scaling == "unbiased" else 1.0) * block_size / k
+
+
+def project(delta: torch.Tensor, blocks: list[tuple[int, int]], seeds: torch.Tensor, num_seeds: int,
+            scaling: str, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Client side: ``(K_l per block, chosen seed indices, coordinates γ)``, concatenated by block."""
+    delta = delta.float()
+    norms = torch.stack([delta[a:b].norm() for a, b in blocks])
+    counts = seeds_per_block(norms, num_seeds)
+    indices, values = [], []
+    for l, ((a, b), k) in enumerate(zip(blocks, counts.tolist())):
+        idx = torch.randperm(num_seeds, generator=generator)[:k]
+        bases = draw_directions(seeds[idx, l], b - a, "uniform")
+        indices.append(idx)
+        values.append(coordinate_scale(scaling, b - a, k) * (bases @ delta[a:b]))
+    return counts, torch.cat(indices), torch.cat(values)
+
+
+def reconstruct(counts: torch.Tensor, indices: torch.Tensor, values: torch.Tensor,
+                blocks: list[tuple[int, int]], seeds: torch.Tensor) -> torch.Tensor:
+    """``Δ̃ = Σ_{j,l} γ_{j,l} v_{j,l}`` (flat)."""
+    out = torch.zeros(blocks[-1][1], dtype=torch.float32)
+    return apply_coefficients(out, scatter(counts, indices, values, seeds.shape[0]), blocks, seeds, alpha=1.0)
+
+
+def scatter(counts: torch.Tensor, indices: torch.Tensor, values: torch.Tensor, num_seeds: int) -> torch.Tensor:
+    """Sparse upload → dense ``(K, L)`` coordinate matrix (fp64)."""
+    cols = torch.repeat_interleave(torch.arange(len(counts)), counts.long())
+    dense = torch.zeros(num_seeds, len(counts), dtype=torch.float64)
+    dense.index_put_((indices.long(), cols), values.double(), accumulate=True)
+    return dense
+
+
+def apply_coefficients(theta: torch.Tensor, coeffs: torch.Tensor, blocks: list[tuple[int, int]],
+                       seeds: torch.Tensor, alpha: float = -1.0) -> torch.Tensor:
+    """``θ_l += alpha · Σ_j C_{j,l} v_{j,l}`` for every block (in place)."""
+    for l, (a, b) in enumerate(blocks):
+        add_directions(theta[a:b], seeds[:, l], coeffs[:, l], "uniform", alpha=alpha)
+    return theta
+
+
+def server_coefficients(gamma: torch.Tensor, blocks: list[tuple[int, int]], seeds: torch.Tensor,
+                        server_lr: float, clip: float) -> torch.Tensor:
+    """``c_{j,l} = η_s γ̄ min(1, clip/(|γ̄| ‖v_{j,l}‖))`` (clip ≤ 0: off), fp32 ``(K, L)``."""
+    out = server_lr * gamma.double()
+    if clip > 0:
+        for l, (a, b) in enumerate(blocks):
+            rows = gamma[:, l].nonzero().flatten()
+            norms = draw_directions(seeds[rows, l], b - a, "uniform").norm(dim=1).double()
+            size = gamma[rows, l].double().abs() * norms
+            out[rows, l] *= torch.clamp(clip / size, max=1.0)
+    return out.float()
+
+
+@dataclass
+class FerretConfig:
+    """``strategy=ferret`` (see ``configs/strategy/ferret.yaml``).
+
+    num_seeds : K, the shared pool and the most bases per block.
+    scaling : ``unbiased`` (1/(ρK_l)) or ``official`` (d_l/K_l).
+    server_lr : η_s; default 1 (unbiased) or 3 (official), the same expected step.
+    clip : per-(seed, block) norm bound on ``γ̄ v`` (0 = off; official 10).
+    trainable : tuned parameters, a key of ``TRAINABLE_PRESETS``.
+    weighting : ``examples`` or ``uniform`` (the official script).
+    """
+
+    name: str = "ferret"
+    num_seeds: int = 200
+    scaling: str = "unbiased"
+    server_lr: float | None = None
+    clip: float = 10.0
+    trainable: str = "head_and_norms"
+    weighting: str = "examples"
+
+    def __post_init__(self) -> None:
+        if not 2 <= self.num_seeds <= 1 << 31:
+            raise ValueError(f"num_seeds must be in [2, 2**31], got {self.num_seeds}")
+        if self.scaling not in SCALINGS:
+            raise ValueError(f"scaling: unknown {self.scaling!r}; accepted: {', '.join(SCALINGS)}")
+        if self.server_lr is not None and not (self.server_lr > 0 and math.isfinite(self.server_lr)):
+            raise ValueError(f"server_lr must be > 0 (or null for the default), got {self.server_lr}")
+        if self.clip < 0:
+            raise ValueError(f"clip must be >= 0 (0 = off), got {self.clip}")
+        if self.trainable not in TRAINABLE_PRESETS:
+            raise ValueError(f"trainable: unknown {self.trainable!r}; accepted: {', '.join(TRAINABLE_PRESETS)}")
+        if self.weighting not in ("examples", "uniform"):
+            raise ValueError(f"weighting: unknown {self.weighting!r}; accepted: examples, uniform")
+
+
+class Ferret(FedtuneStrategy):
+    """Server half: per-(seed, block) averaging, clipped reconstruction, accumulated C."""
+
+    name = "ferret"
+
+    def __init__(self, *, num_seeds: int = 200, scaling: str = "unbiased", server_lr: float | None = None,
+                 clip: float = 10.0, trainable: str = "head_and_norms", **base) -> None:  # type: ignore[no-untyped-def]
+        super().__init__(**base)
+        self.num_seeds, self.scaling, self.clip = num_seeds, scaling, clip
+        self.server_lr = server_lr if server_lr is not None else (1.0 if scaling == "unbiased" else 3.0)
+        self.pool = seed_pool(self.seed, num_seeds, "ferret-pool")
+
+    def initialize(self, arrays: Arrays) -> None:
+        super().initialize(arrays)
+        self.names, self.shapes, theta0 = flatten(arrays)
+        self.blocks = make_blocks([s.numel() for s in self.shapes])
+        self.seeds = block_seeds(self.pool, len(self.blocks))
+        self.coefficients = torch.zeros(self.num_seeds, len(self.blocks), dtype=torch.float32)
+        self.replica = SeedReplica(theta0, lambda th, c: apply_coefficients(th, c, self.blocks, self.seeds))
+
+    def downlink(self, server_round: int, partition_id: int) -> Arrays:
+        return {"coefficients": self.coefficients}
+
+    def expected_upload(self, partition_id: int) -> dict[str, tuple[int, ...]]:
+        return {"counts": (len(self.blocks),), "indices": (-1,), "values": (-1,)}
+
+    def _problem(self, arrays: Arrays) -> str:
+        counts, n = arrays["counts"], len(arrays["indices"])
+        if int(counts.min()) < 0 or int(counts.sum()) != n or len(arrays["values"]) != n:
+            return f"block counts sum to {int(counts.sum())}, with {n} indices and {len(arrays['values'])} values"
+        return bad_indices(arrays["indices"], self.num_seeds)
+
+    def aggregate(self, server_round: int, updates: list[ClientUpdate]) -> Arrays:
+        updates = drop_invalid(updates, self._problem)
+        if not updates:
+            return self.global_arrays
+        gamma = torch.zeros(self.num_seeds, len(self.blocks), dtype=torch.float64)
+        for w, u in zip(weights_for(updates, self.weighting), updates):
+            gamma += w * scatter(u.arrays["counts"], u.arrays["indices"], u.arrays["values"], self.num_seeds)
+        step = server_coefficients(gamma, self.blocks, self.seeds, self.server_lr, self.clip)
+        self.coefficients = (self.coefficients.double() + step.double()).float()
+        self.replica.sync(self.coefficients)
+        return unflatten(self.replica.theta, self.names, self.shapes)
+
+
+def encode_upload(counts: torch.Tensor, indices: torch.Tensor, values: torch.Tensor, num_seeds: int) -> Arrays:
+    return {"counts": counts.to(torch.int32), "indices": indices.to(index_dtype(num_seeds)),
+            "values": values.float()}
+
+
+register_method("ferret", Ferret, trainer="ferret", config_cls=FerretConfig)

@@ -1,0 +1,204 @@
+"""FedKSeed / FedKSeed-Pro oracles (algorithms.md §5.10, §10.4–5, §10.11) and shared randomness."""
+
+import hashlib
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+from flwr.app import ArrayRecord, RecordDict
+
+from fedtune.comm.ledger import payload_bytes
+from fedtune.config import compose
+from fedtune.errors import ConfigError
+from fedtune.flower.strategy import ClientUpdate
+from fedtune.models.state import trainable_state
+from fedtune.randomness import add_directions, draw_directions, seed_pool
+from fedtune.registry import MODELS
+from fedtune.runtime.workspace import Workspace
+from fedtune.trainer import TrainContext
+from strategies.fedkseed import (FedKSeed, FedKSeedPro, SeedReplica, encode_upload, flatten, per_seed_sums,
+                                 pro_probabilities, zo_steps)
+
+BASE = "model=tiny dataset=tiny federation.num_clients=3"
+
+
+def _digest(kind: str) -> str:
+    return hashlib.sha256(draw_directions(seed_pool(7, 3, "test"), 1000, kind).numpy().tobytes()).hexdigest()
+
+
+@pytest.mark.parametrize("kind", ["gaussian", "uniform"])
+def test_directions_are_bit_identical_across_calls_and_processes(kind: str) -> None:
+    code = f"from tests.test_fedkseed import _digest; print(_digest({kind!r}))"
+    other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=".")
+    assert _digest(kind) == _digest(kind) == other.stdout.strip()
+    z = draw_directions(seed_pool(7, 3, "test"), 1000, kind)
+    assert not torch.equal(z[0], z[1])  # distinct seeds give distinct directions
+    if kind == "uniform":
+        assert z.abs().max() <= 1 / math.sqrt(1000) and (z.norm(dim=1) <= 1).all()
+
+
+def test_vectorised_replay_equals_per_seed_loop() -> None:
+    seeds = seed_pool(1, 50, "replay")
+    coeffs = torch.randn(50, generator=torch.Generator().manual_seed(0))
+    coeffs[::3] = 0.0  # skipped seeds must not matter
+    fast = add_directions(torch.zeros(300), seeds, coeffs, alpha=-0.1)
+    slow = torch.zeros(300)
+    for s, c in zip(seeds.tolist(), coeffs.tolist()):
+        slow.add_(draw_directions([s], 300)[0], alpha=-0.1 * c)
+    torch.testing.assert_close(fast, slow, rtol=0, atol=1e-5)
+    assert fast.abs().max() > 0.1
+
+
+def test_central_difference_is_exact_on_a_quadratic() -> None:
+    g = torch.Generator().manual_seed(3)
+    d = 40
+    M = torch.randn(d, d, generator=g, dtype=torch.float64)
+    H, b = M @ M.T + torch.eye(d, dtype=torch.float64), torch.randn(d, generator=g, dtype=torch.float64)
+    theta = torch.randn(d, generator=g, dtype=torch.float64)
+
+    def loss(x: torch.Tensor, t: int) -> float:
+        return float(0.5 * x @ H @ x + b @ x)
+
+    seeds = seed_pool(0, 5, "quad")
+    start = theta.clone()
+    grads, _ = zo_steps(theta, seeds[:1], loss, eps=1e-2, lr=0.0)
+    z = draw_directions(seeds[:1], d)[0].double()
+    assert float(grads[0]) == pytest.approx(float(z @ (H @ start + b)), rel=1e-6)
+    assert torch.equal(theta, start)  # lr = 0 leaves θ alone
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.set_num_threads(1)
+    cfg = compose(f"{BASE} strategy=fedkseed strategy.num_seeds=64 strategy.local_steps=20 strategy.batch_size=4")
+    ws = Workspace(cfg)
+    return cfg, ws, ws.model()
+
+
+def _strategy(cfg, model, cls=FedKSeed, **kw) -> FedKSeed:  # type: ignore[no-untyped-def]
+    params = {k: v for k, v in vars(cfg.strategy).items() if k != "name"}
+    strategy = cls(num_clients=3, clients_per_round=3, seed=cfg.seed, **{**params, **kw})
+    Workspace(cfg).trainer.flat(model).copy_(Workspace(cfg).trainer.theta0(model))  # θ0, as the ServerApp sees it
+    strategy.initialize(trainable_state(model))
+    return strategy
+
+
+def test_replaying_the_pairs_reproduces_the_client_model(tiny) -> None:
+    cfg, ws, model = tiny
+    acc = torch.randn(64, generator=torch.Generator().manual_seed(1)) * 0.1  # a non-trivial start model
+    out = ws.trainer.run(model, {"accumulators": acc}, ws, TrainContext(1, 0, ws.device))
+    seeds = seed_pool(cfg.seed, 64, "fedkseed-pool")
+    replayed = add_directions(out["start"].clone(), seeds, per_seed_sums(out["indices"], out["grads"], 64),
+                              alpha=-cfg.strategy.lr)
+    scale = float(out["final"].norm())
+    assert float((out["final"] - out["start"]).norm()) > 1e-4 * scale  # the client did move
+    assert float((replayed - out["final"]).norm()) <= 1e-6 * scale
+    assert torch.equal(flatten(trainable_state(model))[2], out["start"])  # model left at the global state
+
+
+def test_weighted_client_average_equals_server_replay_for_both_encodings(tiny) -> None:
+    cfg, ws, model = tiny
+    strategies = {enc: _strategy(cfg, model, encoding=enc) for enc in ("pairs", "sums")}
+    finals, updates = [], {enc: [] for enc in strategies}
+    for pid, n in ((0, 10), (1, 30), (2, 60)):
+        down = strategies["pairs"].downlink(1, pid)
+        out = ws.trainer.run(model, down, ws, TrainContext(1, pid, ws.device))
+        finals.append(out["final"])
+        for enc in strategies:
+            updates[enc].append(ClientUpdate(pid, n, encode_upload(out["indices"], out["grads"], 64, enc), {}))
+    expected = 0.1 * finals[0] + 0.3 * finals[1] + 0.6 * finals[2]
+    for enc, strategy in strategies.items():
+        got = flatten(strategy.aggregate(1, updates[enc]))[2]
+        assert float((got - expected).norm()) <= 1e-6 * float(expected.norm()), enc
+    assert float((expected - strategies["pairs"].replica.theta0).norm()) > 0
+
+
+def test_rebuild_from_theta0_equals_sequential_rounds_and_late_clients_catch_up(tiny) -> None:
+    cfg, _, model = tiny
+    strategy = _strategy(cfg, model)
+    late = SeedReplica(strategy.replica.theta0, strategy.replay)  # a client away for rounds 1-3
+    gen = torch.Generator().manual_seed(5)
+    for r in range(1, 5):
+        ups = [ClientUpdate(pid, 10 + pid, {"indices": torch.randint(0, 64, (20,), generator=gen, dtype=torch.int16),
+                                            "values": torch.randn(20, generator=gen)}, {}) for pid in range(3)]
+        strategy.aggregate(r, ups)
+        if r == 1:
+            late.sync(strategy.accumulators)
+    late.sync(strategy.accumulators)
+    rebuilt = strategy.replica.rebuild(strategy.accumulators)
+    scale = float(rebuilt.norm())
+    assert float((strategy.replica.theta - strategy.replica.theta0).norm()) > 1e-3
+    assert float((strategy.replica.theta - rebuilt).norm()) <= 1e-6 * scale
+    assert float((late.theta - rebuilt).norm()) <= 1e-6 * scale
+
+
+def test_pro_probabilities() -> None:
+    K = 100
+    counts = torch.full((K,), 3.0)
+    uniform = pro_probabilities(torch.full((K,), 2.0), counts)
+    torch.testing.assert_close(uniform, torch.full((K,), 1.0 / K))
+    abs_sum = torch.linspace(0, 50, K)
+    p = pro_probabilities(abs_sum, counts)
+    assert float(p.sum()) == pytest.approx(1.0, abs=1e-6)
+    assert float(p.max() / p.min()) <= math.e * (1 + 1e-5)
+    assert float(p.max() / p.min()) == pytest.approx(math.e, rel=1e-4)  # the spread reaches e here
+    assert (p[1:] >= p[:-1]).all() and p[-1] > p[0]  # monotone in mean |g|
+
+
+def test_pro_server_keeps_histories_and_sends_probabilities(tiny) -> None:
+    cfg, _, model = tiny
+    strategy = _strategy(cfg, model, cls=FedKSeedPro)
+    assert set(strategy.downlink(1, 0)) == {"accumulators", "probabilities"}
+    up = {"indices": torch.tensor([3, 3, 7], dtype=torch.int16), "values": torch.tensor([2.0, -4.0, 5000.0])}
+    strategy.aggregate(1, [ClientUpdate(0, 1, up, {})])
+    # histories: seed 3 [0, 2, -4] -> mean |g| 2; seed 7 [0, clip(5000)=1000] -> 500; others 0
+    p = strategy.downlink(2, 0)["probabilities"]
+    assert p[7] > p[3] > p[0] and float(p[7] / p[0]) == pytest.approx(math.e, rel=1e-5)
+    assert float(p[3] / p[0]) == pytest.approx(math.exp(2 / 500), rel=1e-5)
+
+
+def _bytes(arrays) -> int:  # type: ignore[no-untyped-def]
+    return payload_bytes(RecordDict({"arrays": ArrayRecord(arrays)}))
+
+
+@pytest.mark.parametrize("method", ["fedkseed", "fedkseed_pro"])
+def test_bytes_per_client_round_match_section_8_and_stay_under_18kb(method: str) -> None:
+    cfg = compose(f"{BASE} strategy={method} strategy.num_seeds=4096 strategy.local_steps=200")
+    ws = Workspace(cfg)
+    model = ws.model()
+    strategy = _strategy(cfg, model, cls=FedKSeedPro if method == "fedkseed_pro" else FedKSeed)
+    down = strategy.downlink(1, 0)
+    upload, metrics = ws.trainer.train(model, down, ws, TrainContext(1, 0, ws.device))
+    K, tau = 4096, 200
+    assert _bytes(down) == (8 if method == "fedkseed_pro" else 4) * K
+    assert _bytes(upload) == tau * (4 + math.ceil(math.log2(K) / 8)) == 1200
+    if method == "fedkseed":
+        assert _bytes(down) + _bytes(upload) == 17_584 <= 18_000  # §5.6: 16,384 + 200·(4+2)
+        sums = FedKSeed(num_clients=1, clients_per_round=1, encoding="sums").expected_upload(0)
+        assert sums == {"sums": (K,)}  # sums encoding: 4K up
+    assert metrics["num-examples"] > 0 and math.isfinite(metrics["train-loss"])
+
+
+def test_inexact_settings_are_refused() -> None:
+    cfg = compose(f"{BASE} strategy=fedkseed train.weight_decay=0.01")
+    with pytest.raises(ConfigError, match="train.weight_decay"):
+        FedKSeed.from_config(cfg)
+    with pytest.raises(ConfigError, match="train.weight_decay"):
+        Workspace(cfg).trainer.build_model(MODELS.get("tiny").build(cfg.model, 4, 0), cfg)
+    with pytest.raises(ConfigError, match=r"^strategy\.encoding"):
+        compose(f"{BASE} strategy=fedkseed_pro strategy.encoding=sums")
+    with pytest.raises(ConfigError, match=r"^strategy\.num_seeds"):
+        compose(f"{BASE} strategy=fedkseed strategy.num_seeds=0")
+    with pytest.raises(ConfigError, match=r"^strategy\.trainable"):
+        compose(f"{BASE} strategy=fedkseed strategy.trainable=lora")
+
+
+def test_out_of_range_seed_indices_are_left_out(tiny) -> None:
+    cfg, _, model = tiny
+    strategy = _strategy(cfg, model)
+    good = {"indices": torch.full((20,), 5, dtype=torch.int16), "values": torch.ones(20)}
+    bad = {"indices": torch.full((20,), 64, dtype=torch.int16), "values": torch.ones(20)}
+    strategy.aggregate(1, [ClientUpdate(0, 1, good, {}), ClientUpdate(1, 1, bad, {})])
+    assert float(strategy.accumulators[5]) == pytest.approx(20.0) and int((strategy.accumulators != 0).sum()) == 1
