@@ -3,7 +3,9 @@
 A fresh optimizer every round (FedIT, FLoRA and Fed-SB rebuild AdamW per client per
 round, algorithms.md §1.2), batches from the client's seeded stream, dropout seeded
 from ``("train", round, partition_id)``: the same client in the same round computes
-the same update in any process.
+the same update in any process.  With ``privacy=dp_sgd`` the loop is Opacus DP-SGD
+instead (:func:`fedtune.privacy.dp_sgd.run_private_steps`): every trainer that calls
+this function is private without a line of its own.
 """
 
 from __future__ import annotations
@@ -25,6 +27,10 @@ def make_optimizer(params: list[torch.nn.Parameter], cfg: RunConfig) -> torch.op
 def run_local_steps(model: torch.nn.Module, workspace, ctx: TrainContext) -> float:  # type: ignore[no-untyped-def]
     """Train ``model``'s trainable parameters for ``train.local_steps``; return the mean loss."""
     cfg: RunConfig = workspace.cfg
+    if cfg.privacy.name == "dp_sgd":
+        from fedtune.privacy.dp_sgd import run_private_steps
+
+        return run_private_steps(model, workspace, ctx, make_optimizer)
     encoded = workspace.encoded("train")
     indices = workspace.partitions()[ctx.partition_id]
     params = [p for p in model.parameters() if p.requires_grad]

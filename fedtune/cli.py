@@ -72,7 +72,10 @@ def _hydra_entry() -> None:
             run_cfg = from_dict(OmegaConf.to_container(cfg, resolve=True))  # type: ignore[arg-type]
             from fedtune.runtime.workspace import Workspace
 
-            Workspace(run_cfg).partitions()  # data present and partitionable, before Ray starts
+            from fedtune.privacy.accounting import check_delta
+
+            sizes = [len(p) for p in Workspace(run_cfg).partitions()]  # data present and partitionable
+            check_delta(run_cfg, sizes)  # privacy.delta < 1/n: before Ray starts
         except ConfigError as exc:
             _remove_if_empty(out_dir)
             _fail(str(exc))

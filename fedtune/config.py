@@ -137,18 +137,59 @@ class RuntimeConfig:
             raise ValueError(f"ray_object_store_mb must be >= 64, got {self.ray_object_store_mb}")
 
 
-PRIVACY_NAMES = ("none",)
+PRIVACY_NAMES = ("none", "dp_sgd")
+ACCOUNTANTS = ("rdp", "prv", "gdp")  # Opacus' accountants (fedtune/privacy/accounting.py)
+DP_SAMPLINGS = ("poisson", "shuffle")
+GRAD_SAMPLE_MODES = ("hooks", "functorch")  # the Opacus modes that work with peft LoRA and LoRA-SB
 
 
 @dataclass
 class PrivacyConfig:
-    """Client-side differential privacy (``privacy=none`` is the default)."""
+    """Client-side differential privacy (``privacy=none`` is the default).
+
+    ``dp_sgd``: example-level DP-SGD with Opacus in every first-order client loop
+    (:mod:`fedtune.privacy`).  Give ``noise_multiplier`` (σ), or ``target_epsilon`` alone
+    (σ calibrated per client over ``planned_rounds`` × ``train.local_steps`` steps), or
+    both (σ fixed, ``target_epsilon`` only the budget at which a client stops).  ``δ < 1/n``
+    (n = the largest client's examples) is checked where n is known.  σ = 0 is accepted
+    (ε = ∞: a diagnostic run that must equal the non-private one).
+    """
 
     name: str = "none"
+    noise_multiplier: float | None = None
+    target_epsilon: float | None = None
+    delta: float = 1e-5
+    max_grad_norm: float = 1.0
+    accountant: str = "rdp"
+    planned_rounds: int | None = None  # None: expected participation, ceil(num_rounds·fraction)
+    sampling: str = "poisson"
+    grad_sample_mode: str = "hooks"
 
     def __post_init__(self) -> None:
         if self.name not in PRIVACY_NAMES:
             raise ValueError(f"name: unknown privacy mode {self.name!r}; accepted: {', '.join(PRIVACY_NAMES)}")
+        if self.noise_multiplier is not None and not (self.noise_multiplier >= 0 and
+                                                      math.isfinite(self.noise_multiplier)):
+            raise ValueError(f"noise_multiplier must be a number >= 0, got {self.noise_multiplier}")
+        if self.target_epsilon is not None and not self.target_epsilon > 0:
+            raise ValueError(f"target_epsilon must be > 0, got {self.target_epsilon}")
+        if not 0.0 < self.delta < 1.0:
+            raise ValueError(f"delta must be in (0, 1) (and < 1/n for n examples per client), got {self.delta}")
+        if not (self.max_grad_norm > 0 and math.isfinite(self.max_grad_norm)):
+            raise ValueError(f"max_grad_norm must be a positive number, got {self.max_grad_norm}")
+        if self.accountant not in ACCOUNTANTS:
+            raise ValueError(f"accountant: unknown {self.accountant!r}; accepted: {', '.join(ACCOUNTANTS)}")
+        if self.planned_rounds is not None and self.planned_rounds < 1:
+            raise ValueError(f"planned_rounds must be >= 1, got {self.planned_rounds}")
+        if self.sampling not in DP_SAMPLINGS:
+            raise ValueError(f"sampling: unknown {self.sampling!r}; accepted: {', '.join(DP_SAMPLINGS)}")
+        if self.grad_sample_mode not in GRAD_SAMPLE_MODES:
+            raise ValueError(f"grad_sample_mode: unknown {self.grad_sample_mode!r}; "
+                             f"accepted: {', '.join(GRAD_SAMPLE_MODES)}")
+        if self.name == "dp_sgd" and self.noise_multiplier is None and self.target_epsilon is None:
+            raise ValueError("noise_multiplier: dp_sgd needs privacy.noise_multiplier or privacy.target_epsilon")
+        if self.noise_multiplier == 0 and self.target_epsilon is not None:
+            raise ValueError("noise_multiplier 0 gives epsilon = inf: it cannot meet privacy.target_epsilon")
 
 
 @dataclass
@@ -199,6 +240,9 @@ def from_dict(data: dict[str, Any]) -> RunConfig:
     cfg = build(RunConfig, {**rest, **{k: {} for k in named}}, "")
     for key, value in named.items():
         setattr(cfg, key, value)
+    from fedtune.privacy.accounting import check_supported
+
+    check_supported(cfg)  # e.g. privacy=dp_sgd with a zeroth-order method: refused here
     return cfg
 
 

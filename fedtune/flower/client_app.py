@@ -17,6 +17,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 
 from fedtune.config import RunConfig, compose, from_dict
+from fedtune.privacy.dp_sgd import with_privacy
 from fedtune.runtime.environment import quiet_libraries
 from fedtune.runtime.workspace import Workspace
 from fedtune.trainer import TrainContext
@@ -84,7 +85,10 @@ def make_client_app(cfg: dict[str, Any] | None = None) -> ClientApp:
                            partition_id=partition_id_of(context), device=workspace.device,
                            state=load_client_state(context))
         arrays = msg.content["arrays"].to_torch_state_dict() if "arrays" in msg.content else {}
-        upload, metrics = getattr(workspace.trainer, action)(workspace.model(), arrays, workspace, ctx)
+        run = getattr(workspace.trainer, action)
+        if action == "train":  # DP budget check and ε report (identity when privacy=none)
+            run = with_privacy(run, workspace.cfg)
+        upload, metrics = run(workspace.model(), arrays, workspace, ctx)
         save_client_state(context, ctx.state)
         return Message(RecordDict({"arrays": ArrayRecord(upload), "metrics": MetricRecord(metrics)}),
                        reply_to=msg)

@@ -22,6 +22,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedtune.config import RunConfig, compose
 from fedtune.evaluation import evaluate
+from fedtune.privacy.accounting import check_delta
 from fedtune.registry import METHODS
 from fedtune.results.store import RunStore, atomic_write_dir
 from fedtune.runtime.environment import quiet_libraries
@@ -42,6 +43,26 @@ def versions() -> dict[str, str]:
 
     return {"fedtune": fedtune.__version__, "flwr": flwr.__version__, "torch": torch.__version__,
             "peft": peft.__version__, "transformers": transformers.__version__}
+
+
+def _epsilon_cell(info: Any) -> str:
+    """metrics.csv's ε: the max over clients so far under DP, empty without privacy."""
+    return "" if info is None or math.isnan(info.epsilon) else f"{info.epsilon:.6f}"
+
+
+def privacy_summary(cfg: RunConfig, strategy: Any) -> dict[str, Any]:
+    """The ``privacy`` block of summary.json (none without DP): δ, the final ε, who ran out of budget."""
+    if cfg.privacy.name == "none":
+        return {}
+    spent = sorted({pid for info in strategy.rounds.values() for pid in info.budget_spent})
+    eps = max(strategy.client_epsilon.values(), default=0.0)
+    out = {"name": cfg.privacy.name, "delta": cfg.privacy.delta, "final_epsilon": eps,
+           "target_epsilon": cfg.privacy.target_epsilon, "accountant": cfg.privacy.accountant,
+           "clients_out_of_budget": spent,
+           "replies_withheld_for_budget": sum(len(i.budget_spent) for i in strategy.rounds.values())}
+    if cfg.strategy.name == "fed_sb":
+        out["not_accounted"] = "Fed-SB's one-time init gradients are computed on client data without DP"
+    return {"privacy": out}
 
 
 def run_server(grid: Grid, cfg: RunConfig, out_dir: Path) -> dict[str, Any]:
@@ -65,6 +86,7 @@ def run_server(grid: Grid, cfg: RunConfig, out_dir: Path) -> dict[str, Any]:
 
 def _run_rounds(grid: Grid, cfg: RunConfig, store: RunStore) -> dict[str, Any]:
     workspace = Workspace(cfg)
+    check_delta(cfg, [len(p) for p in workspace.partitions()])  # δ < 1/n, before any client runs
     model = workspace.model()
     test = workspace.encoded("test")
     strategy = METHODS.get(cfg.strategy.name).strategy_cls.from_config(cfg)
@@ -90,11 +112,14 @@ def _run_rounds(grid: Grid, cfg: RunConfig, store: RunStore) -> dict[str, Any]:
                "cumulative_bytes": strategy.ledger.cumulative_bytes(server_round),
                "aggregate_seconds": f"{info.aggregate_seconds:.4f}" if info else "0",
                "round_seconds": f"{now - clock['last']:.3f}", "wall_seconds": f"{now - t_start:.3f}",
-               "epsilon": ""}
+               "epsilon": _epsilon_cell(info)}
         clock["last"] = now
         store.add_round(row)
         first = store.rows[0]["eval_accuracy"]
         fails = f", {row['num_failures']} failed" if row["num_failures"] else ""
+        if row["epsilon"]:
+            spent = f", {len(info.budget_spent)} out of budget" if info and info.budget_spent else ""
+            fails += f"  eps {float(row['epsilon']):.3g}{spent}"
         print(f"[round {server_round:>3}/{cfg.num_rounds}] acc {acc:.4f} (round 0: {float(first):.4f})  "
               f"eval loss {loss:.4f}  clients {row['num_replies']}/{len(info.sampled) if info else 0}{fails}  "
               f"up {_mb(totals['bytes_up'])} down {_mb(totals['bytes_down'])}  "
@@ -120,6 +145,7 @@ def _run_rounds(grid: Grid, cfg: RunConfig, store: RunStore) -> dict[str, Any]:
         "payload_up_per_client_round": (sum(r.payload_bytes for r in up) / len(up)) if up else 0,
         "client_failures": sum(int(r["num_failures"]) for r in rows),
         "wall_seconds": round(time.perf_counter() - t_start, 3),
+        **privacy_summary(cfg, strategy),
     }
 
 

@@ -62,6 +62,8 @@ class RoundInfo:
     failures: dict[int, str] = field(default_factory=dict)
     train_loss: float = float("nan")
     aggregate_seconds: float = 0.0
+    budget_spent: list[int] = field(default_factory=list)  # DP: replied, but their privacy budget is spent
+    epsilon: float = float("nan")  # DP: max ε over all clients so far (NaN without privacy)
 
 
 def weights_for(updates: list[ClientUpdate], weighting: str) -> list[float]:
@@ -98,6 +100,7 @@ class FedtuneStrategy(Strategy):
         self.node_of: dict[int, int] = {}  # partition id -> node id
         self.partition_of_node: dict[int, int] = {}
         self.global_arrays: Arrays = {}
+        self.client_epsilon: dict[int, float] = {}  # DP: latest ε each client reported
         self._grid: MeteredGrid | None = None
 
     @classmethod
@@ -178,6 +181,8 @@ class FedtuneStrategy(Strategy):
         info = self.rounds.setdefault(server_round, RoundInfo())
         updates = sorted(self._decode(replies, info), key=lambda u: u.partition_id)
         info.received = [u.partition_id for u in updates]
+        if self.client_epsilon:
+            info.epsilon = max(self.client_epsilon.values())
         if len(updates) < self.min_replies:
             log(WARNING, "round %d: %d valid replies (< %d); global state unchanged", server_round,
                 len(updates), self.min_replies)
@@ -226,12 +231,27 @@ class FedtuneStrategy(Strategy):
             missing = sorted(set(range(self.num_clients)) - set(self.node_of))
             raise RuntimeError(f"no node answered the roll-call for partitions {missing[:10]}")
 
+    def _budget_spent(self, pid: int, reply: Message, info: RoundInfo) -> bool:
+        """Record a DP client's ε; True when it sent nothing because its budget is spent
+        (no contribution: neither an update nor a failure)."""
+        metrics = reply.content["metrics"] if "metrics" in reply.content else {}
+        if "dp-epsilon" in metrics:
+            self.client_epsilon[pid] = float(metrics["dp-epsilon"])
+        if not metrics.get("dp-budget-spent"):
+            return False
+        info.budget_spent.append(pid)
+        log(INFO, "client %d: privacy budget spent (epsilon %.4g); no contribution", pid,
+            self.client_epsilon.get(pid, float("nan")))
+        return True
+
     def _decode(self, replies: Iterable[Message], info: RoundInfo) -> Iterable[ClientUpdate]:
         for reply in replies:
             pid = self._partition(reply.metadata.src_node_id)
             if reply.has_error():
                 info.failures[pid] = reply.error.reason.strip().splitlines()[-1][:200]
                 log(WARNING, "client %d failed: %s", pid, info.failures[pid])
+                continue
+            if self._budget_spent(pid, reply, info):
                 continue
             try:
                 content = reply.content
