@@ -5,6 +5,7 @@
     fedtune run --help                   every config group and option
     fedtune plot RUN_DIR [RUN_DIR ...]   accuracy vs cumulative bytes, accuracy vs round (PNG)
     fedtune list                         strategies, models and datasets
+    fedtune deploy start|stop|certs ...  a local SuperLink + SuperNodes trial (see README "Run across machines")
 
 Bad input (unknown names, out-of-range values, missing data) prints one line naming
 the field and what is accepted, and exits with code 2 without leaving a run directory.
@@ -132,8 +133,15 @@ def main(argv: list[str] | None = None) -> None:
         _plot(rest)
     elif command == "list":
         _list()
+    elif command == "deploy":
+        from fedtune.runtime.deploy_cli import main as deploy_main
+
+        try:
+            deploy_main(rest)
+        except (ValueError, FileNotFoundError, RuntimeError, TimeoutError) as exc:
+            _fail(str(exc))
     else:
-        _fail(f"unknown command {command!r}; accepted: run, plot, list (see fedtune --help)")
+        _fail(f"unknown command {command!r}; accepted: run, plot, list, deploy (see fedtune --help)")
 
 
 if __name__ == "__main__":

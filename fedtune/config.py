@@ -28,8 +28,11 @@ class FederationConfig:
     num_clients: int = 10
     fraction: float = 1.0
     min_clients: int = 1
+    round_timeout: float = 3600.0  # seconds a round waits for replies (deployment: a vanished node)
 
     def __post_init__(self) -> None:
+        if not (self.round_timeout > 0 and math.isfinite(self.round_timeout)):
+            raise ValueError(f"round_timeout must be a positive number of seconds, got {self.round_timeout}")
         if self.num_clients < 1:
             raise ValueError(f"num_clients must be >= 1, got {self.num_clients}")
         if not 0.0 < self.fraction <= 1.0:

@@ -3,11 +3,13 @@
 The same app serves ``fedtune run`` (the config arrives in a closure, built by
 :func:`make_client_app`) and ``flwr run`` / deployment (module-level :data:`app`
 composes the config from the run config's ``overrides`` string, exactly as the
-ServerApp does).  A SuperNode's data is found from its node config's ``partition-id``.
+ServerApp does).  A SuperNode's data is found from its node config: ``partition-id``
+(its partition of the named dataset) or ``data-path`` (its own file, :func:`workspace_for`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 from typing import Any
@@ -19,7 +21,7 @@ from flwr.clientapp import ClientApp
 from fedtune.config import RunConfig, compose, from_dict
 from fedtune.privacy.dp_sgd import with_privacy
 from fedtune.runtime.environment import quiet_libraries
-from fedtune.runtime.workspace import Workspace
+from fedtune.runtime.workspace import LocalDataWorkspace, Workspace
 from fedtune.trainer import TrainContext
 
 STATE_ARRAYS, STATE_VALUES = "fedtune-client-arrays", "fedtune-client-values"
@@ -40,6 +42,19 @@ def partition_id_of(context: Context) -> int:
         raise ValueError("node config has no 'partition-id' (start the SuperNode with "
                          "--node-config 'partition-id=<i> num-partitions=<n>')")
     return int(context.node_config["partition-id"])
+
+
+def workspace_for(cfg: RunConfig, context: Context) -> Workspace:
+    """The node's workspace: a partition of the named dataset, or, when the SuperNode was
+    started with ``--node-config "... data-path=/its/file.csv"``, its own local file
+    (``dataset=csv`` format: ``text,label[,split]``) in place of ``dataset.path``."""
+    path = context.node_config.get("data-path")
+    if not path:
+        return Workspace(cfg)
+    if not hasattr(cfg.dataset, "path"):
+        raise ValueError(f"node config data-path needs a file dataset (dataset=csv), got dataset={cfg.dataset.name}")
+    local = dataclasses.replace(cfg, dataset=dataclasses.replace(cfg.dataset, path=str(path)))
+    return LocalDataWorkspace(local)
 
 
 def load_client_state(context: Context) -> dict[str, Any]:
@@ -80,7 +95,7 @@ def make_client_app(cfg: dict[str, Any] | None = None) -> ClientApp:
                        reply_to=msg)
 
     def serve(msg: Message, context: Context, action: str) -> Message:
-        workspace = Workspace(resolve(context))
+        workspace = workspace_for(resolve(context), context)
         ctx = TrainContext(server_round=int(msg.content["config"]["server-round"]),
                            partition_id=partition_id_of(context), device=workspace.device,
                            state=load_client_state(context))

@@ -117,6 +117,8 @@ def _run_rounds(grid: Grid, cfg: RunConfig, store: RunStore) -> dict[str, Any]:
         store.add_round(row)
         first = store.rows[0]["eval_accuracy"]
         fails = f", {row['num_failures']} failed" if row["num_failures"] else ""
+        if info and info.failures:  # name them: in deployment a failure is a participant to look at
+            fails += " (client " + ", ".join(map(str, sorted(info.failures))) + ")"
         if row["epsilon"]:
             spent = f", {len(info.budget_spent)} out of budget" if info and info.budget_spent else ""
             fails += f"  eps {float(row['epsilon']):.3g}{spent}"
@@ -127,7 +129,8 @@ def _run_rounds(grid: Grid, cfg: RunConfig, store: RunStore) -> dict[str, Any]:
         return MetricRecord({"eval-loss": loss, "eval-accuracy": acc})
 
     initial = ArrayRecord(workspace.initial_arrays())
-    strategy.start(grid=grid, initial_arrays=initial, num_rounds=cfg.num_rounds, evaluate_fn=evaluate_fn)
+    strategy.start(grid=grid, initial_arrays=initial, num_rounds=cfg.num_rounds, evaluate_fn=evaluate_fn,
+                   timeout=cfg.federation.round_timeout)
 
     strategy.load_into(model)
     if hasattr(model, "save_pretrained"):

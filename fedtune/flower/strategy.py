@@ -179,8 +179,10 @@ class FedtuneStrategy(Strategy):
     def aggregate_train(self, server_round: int,
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         info = self.rounds.setdefault(server_round, RoundInfo())
-        updates = sorted(self._decode(replies, info), key=lambda u: u.partition_id)
+        unattributed: list[str] = []
+        updates = sorted(self._decode(replies, info, unattributed), key=lambda u: u.partition_id)
         info.received = [u.partition_id for u in updates]
+        self._missing_replies(info, unattributed)
         if self.client_epsilon:
             info.epsilon = max(self.client_epsilon.values())
         if len(updates) < self.min_replies:
@@ -244,9 +246,24 @@ class FedtuneStrategy(Strategy):
             self.client_epsilon.get(pid, float("nan")))
         return True
 
-    def _decode(self, replies: Iterable[Message], info: RoundInfo) -> Iterable[ClientUpdate]:
+    def _missing_replies(self, info: RoundInfo, unattributed: list[str]) -> None:
+        """Count a sampled client that never answered as failed (deployment: its node vanished,
+        or the round timed out); the SuperLink's own error replies name no client, so their
+        reason is attached to the missing ones."""
+        answered = set(info.received) | set(info.failures) | set(info.budget_spent)
+        reason = unattributed[0] if unattributed else "no reply within federation.round_timeout"
+        for pid in info.sampled:
+            if pid not in answered:
+                info.failures[pid] = reason
+                log(WARNING, "client %d failed: %s", pid, reason)
+
+    def _decode(self, replies: Iterable[Message], info: RoundInfo,
+                unattributed: list[str] | None = None) -> Iterable[ClientUpdate]:
         for reply in replies:
             pid = self._partition(reply.metadata.src_node_id)
+            if reply.has_error() and pid < 0 and unattributed is not None:  # from the SuperLink, not a node
+                unattributed.append(reply.error.reason.strip().splitlines()[-1][:200])
+                continue
             if reply.has_error():
                 info.failures[pid] = reply.error.reason.strip().splitlines()[-1][:200]
                 log(WARNING, "client %d failed: %s", pid, info.failures[pid])

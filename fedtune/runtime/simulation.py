@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from fedtune.config import RunConfig
+from fedtune.results.store import atomic_write_text
 from fedtune.runtime.environment import quiet_libraries
 
 
@@ -41,6 +42,29 @@ def backend_config(cfg: RunConfig) -> dict[str, Any]:
             "init_args": init_args}
 
 
+def attach_cluster(cfg: RunConfig) -> dict[str, Any]:
+    """Connect to the Ray cluster at ``runtime.ray_address`` and check what it offers.
+
+    Flower sizes its actor pool from ``ray.cluster_resources()`` once Ray is up, so
+    connecting first (Flower then reuses the connection) lets us report, and check,
+    that the simulation sees every node's CPUs/GPUs rather than a local Ray.
+    """
+    import ray
+
+    ray.init(address=cfg.runtime.ray_address, log_to_driver=True)
+    resources = ray.cluster_resources()
+    alive = [n for n in ray.nodes() if n.get("Alive")]
+    cpus, gpus = float(resources.get("CPU", 0.0)), float(resources.get("GPU", 0.0))
+    if cpus < cfg.runtime.client_num_cpus:
+        raise RuntimeError(f"runtime.ray_address: the cluster at {cfg.runtime.ray_address} offers {cpus:g} CPUs, "
+                           f"fewer than runtime.client_num_cpus={cfg.runtime.client_num_cpus:g}")
+    info = {"address": cfg.runtime.ray_address, "nodes": len(alive), "cpus": cpus, "gpus": gpus,
+            "client_actors": int(cpus // cfg.runtime.client_num_cpus)}
+    print(f"fedtune: Ray cluster at {info['address']}: {info['nodes']} nodes, {cpus:g} CPUs, {gpus:g} GPUs "
+          f"-> up to {info['client_actors']} concurrent clients", flush=True)
+    return info
+
+
 def simulate(cfg: RunConfig, out_dir: str | Path) -> dict[str, Any]:
     """Run ``cfg`` in simulation, write ``out_dir``, return its ``summary.json``."""
     quiet_libraries(cfg.runtime.log_level)
@@ -51,7 +75,10 @@ def simulate(cfg: RunConfig, out_dir: str | Path) -> dict[str, Any]:
     from fedtune.flower.server_app import make_server_app
 
     out_dir = Path(out_dir).resolve()
+    cluster = None
     try:
+        if cfg.runtime.ray_address:
+            cluster = attach_cluster(cfg)
         run_simulation(server_app=make_server_app(cfg, out_dir), client_app=make_client_app(cfg.to_dict()),
                        num_supernodes=cfg.federation.num_clients, backend_config=backend_config(cfg))
     finally:
@@ -61,4 +88,7 @@ def simulate(cfg: RunConfig, out_dir: str | Path) -> dict[str, Any]:
     summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {"status": "missing"}
     if summary.get("status") != "completed":
         raise RuntimeError(f"simulation did not complete: {summary.get('error', summary.get('status'))}")
+    if cluster is not None:  # recorded next to the results: which cluster ran them
+        summary["ray_cluster"] = cluster
+        atomic_write_text(summary_path, json.dumps(summary, indent=2, default=str) + "\n")
     return summary

@@ -101,3 +101,16 @@ class Workspace:
             return model, trainable_state(model)
 
         return _cached(self._key("model", "model", "dataset", "strategy", extra=[self.cfg.seed, str(self.device)]), make)
+
+
+class LocalDataWorkspace(Workspace):
+    """A SuperNode's view when it trains on its own file (node config ``data-path``).
+
+    The node's whole training split is its data, whatever its partition id: nothing is
+    partitioned, because no node ever sees another's file.  The label names come from the
+    file, so every participant's file must use the federation's full label set.
+    """
+
+    def partitions(self) -> list[list[int]]:
+        everything = list(range(len(self.data.train)))
+        return [everything] * self.cfg.federation.num_clients
