@@ -17,6 +17,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from fedtune.config import check_group_choices
 from fedtune.errors import ConfigError
 
 USAGE = __doc__
@@ -32,27 +33,6 @@ def _remove_if_empty(path: Path) -> None:
         path.rmdir()
     except OSError:
         pass
-
-
-GROUPS = ("strategy", "model", "dataset", "privacy")
-
-
-def check_group_choices(overrides: list[str]) -> None:
-    """Fail early, in one line, on ``group=name`` overrides that name no config file.
-
-    Hydra would print a multi-line report; the user only needs the accepted names.
-    """
-    from fedtune.config import CONFIG_DIR
-
-    for item in overrides:
-        key, sep, value = item.partition("=")
-        key = key.lstrip("+~")
-        if not sep or key not in GROUPS:
-            continue
-        accepted = sorted(p.stem for p in (CONFIG_DIR / key).glob("*.yaml"))
-        for choice in value.split(","):  # multirun sweeps list choices with commas
-            if choice.strip() not in accepted:
-                raise ConfigError(f"{key}: unknown option {choice.strip()!r}; accepted: {', '.join(accepted)}")
 
 
 def _hydra_entry() -> None:

@@ -249,6 +249,25 @@ def from_dict(data: dict[str, Any]) -> RunConfig:
     return cfg
 
 
+GROUPS = ("strategy", "model", "dataset", "privacy")
+
+
+def check_group_choices(overrides: list[str]) -> None:
+    """Fail early, in one line, on ``group=name`` overrides that name no config file.
+
+    Hydra would print a multi-line report; the user only needs the accepted names.
+    """
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        key = key.lstrip("+~")
+        if not sep or key not in GROUPS:
+            continue
+        accepted = sorted(p.stem for p in (CONFIG_DIR / key).glob("*.yaml"))
+        for choice in value.split(","):  # multirun sweeps list choices with commas
+            if choice.strip() not in accepted:
+                raise ConfigError(f"{key}: unknown option {choice.strip()!r}; accepted: {', '.join(accepted)}")
+
+
 def compose(overrides: list[str] | str = ()) -> RunConfig:
     """Compose ``configs/`` with Hydra overrides (as on the command line) and validate.
 
@@ -263,8 +282,6 @@ def compose(overrides: list[str] | str = ()) -> RunConfig:
 
     if isinstance(overrides, str):
         overrides = shlex.split(overrides)
-    from fedtune.cli import check_group_choices
-
     check_group_choices(list(overrides))
     try:
         with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
