@@ -67,22 +67,14 @@ class PackagedDatasetConfig:
 
 
 @dataclass
-class CSVDatasetConfig:
-    """A CSV file with a text and a label column (``tiny`` uses the repo's file)."""
+class CSVDatasetConfig(PackagedDatasetConfig):
+    """A CSV or JSON Lines file with a text and a label field (``tiny`` uses the repo's file);
+    the split fields and their checks are the packaged datasets'."""
 
     name: str = "csv"
     path: str = ""
     text_column: str = "text"
     label_column: str = "label"
-    test_fraction: float = 0.2
-    split_seed: int = 0
-    max_train_examples: int = 0
-
-    def __post_init__(self) -> None:
-        if not 0.0 < self.test_fraction < 1.0:
-            raise ValueError(f"test_fraction must be in (0, 1), got {self.test_fraction}")
-        if self.max_train_examples < 0:
-            raise ValueError(f"max_train_examples must be >= 0, got {self.max_train_examples}")
 
 
 @dataclass(frozen=True)
