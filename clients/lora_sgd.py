@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from fedtune.config import RunConfig
+from fedtune.models.causal_lm import is_causal_lm
 from fedtune.models.state import load_trainable_state, trainable_state
 from fedtune.randomness import seed_torch
 from fedtune.registry import TRAINERS
@@ -32,7 +33,9 @@ class LoRATrainer:
         for p in base.parameters():
             p.requires_grad_(False)
         seed_torch(cfg.seed, "adapter-init")  # same A init everywhere (B starts at 0)
-        config = LoraConfig(task_type=TaskType.SEQ_CLS, r=lora.rank, lora_alpha=lora.alpha,
+        # a classifier keeps its new head trainable (SEQ_CLS); a causal LM has no new head
+        task = TaskType.CAUSAL_LM if is_causal_lm(base) else TaskType.SEQ_CLS
+        config = LoraConfig(task_type=task, r=lora.rank, lora_alpha=lora.alpha,
                             lora_dropout=lora.dropout, target_modules=list(lora.target_modules))
         model = get_peft_model(base, config)
         model.eval()

@@ -3,7 +3,9 @@
 FedKSeed (Qin et al., ICML'24, arXiv 2312.06353), algorithms.md §5.2.  The client
 
 1. syncs its model to the downlinked accumulators ``a``: ``θ = θ0 − η Σ_j a_j z_j``,
-   replaying only ``a − a_last`` onto this process's cached copy (:class:`SeedReplica`);
+   replaying only ``a − a_last`` onto this process's cached copy (:class:`SeedReplica`),
+   with the directions read from this process's bank (:mod:`fedtune.directions`,
+   generated once per process when ``4·K·d ≤ strategy.direction_cache_mb`` MiB);
 2. draws τ seed indices (uniform, or from the Pro probabilities) and τ batches from
    its seeded streams, runs :func:`~strategies.fedkseed.zo_steps` in eval mode on an
    fp32 master copy of θ (so ``θ+εz`` and ``θ−εz`` never drift, §5.9);
@@ -25,7 +27,8 @@ import torch
 
 from fedtune.config import RunConfig
 from fedtune.data.batches import local_batches
-from fedtune.randomness import add_directions, seed_pool, torch_generator
+from fedtune.directions import SeedDirections, directions_for
+from fedtune.randomness import seed_pool, torch_generator
 from fedtune.registry import TRAINERS
 from fedtune.trainer import TrainContext
 
@@ -85,8 +88,12 @@ class ZOSeedsTrainer(SeededTrainer):
         """Sync, run the τ steps; return start/final θ, indices, grads, losses, replays."""
         cfg: RunConfig = workspace.cfg
         sc = cfg.strategy
-        seeds = seed_pool(cfg.seed, sc.num_seeds, "fedkseed-pool")
-        replica = self.replica(model, lambda th, c: add_directions(th, seeds, c, "gaussian", alpha=-sc.lr))
+        seeds, numel = seed_pool(cfg.seed, sc.num_seeds, "fedkseed-pool"), self.theta0(model).numel()
+
+        def directions() -> SeedDirections:  # this process's bank of z_j, built once (or streaming)
+            return directions_for(seeds, "gaussian", numel=numel, cache_mb=sc.direction_cache_mb)
+
+        replica = self.replica(model, lambda th, c: directions().add(th, c, alpha=-sc.lr))
         replayed = replica.sync(arrays["accumulators"])
         gen = torch_generator(cfg.seed, "zo-seeds", ctx.server_round, ctx.partition_id)
         probs = arrays.get("probabilities", torch.full((sc.num_seeds,), 1.0 / sc.num_seeds))
@@ -103,7 +110,7 @@ class ZOSeedsTrainer(SeededTrainer):
 
         model.eval()
         theta = replica.theta.to(flat.device, copy=True)
-        grads, losses = zo_steps(theta, seeds[indices], loss_at, sc.eps, sc.lr, sc.grad_clip)
+        grads, losses = zo_steps(theta, indices, directions(), loss_at, sc.eps, sc.lr, sc.grad_clip)
         flat.copy_(replica.theta)  # leave the process's model at the global state
         return {"start": replica.theta, "final": theta.cpu(), "indices": indices, "grads": grads,
                 "losses": losses, "replayed": replayed}

@@ -17,7 +17,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from fedtune.config import check_group_choices
+from fedtune.config import check_group_choices, compose
 from fedtune.errors import ConfigError
 
 USAGE = __doc__
@@ -38,8 +38,10 @@ def _remove_if_empty(path: Path) -> None:
 def _hydra_entry() -> None:
     import hydra
     from omegaconf import DictConfig, OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
 
     from fedtune.config import CONFIG_DIR, from_dict
+    from fedtune.hydra_errors import error_line
 
     @hydra.main(config_path=str(CONFIG_DIR), config_name="config", version_base=None)
     def run(cfg: DictConfig) -> float:
@@ -57,9 +59,9 @@ def _hydra_entry() -> None:
 
             sizes = [len(p) for p in Workspace(run_cfg).partitions()]  # data present and partitionable
             check_delta(run_cfg, sizes)  # privacy.delta < 1/n: before Ray starts
-        except ConfigError as exc:
+        except (ConfigError, OmegaConfBaseException) as exc:  # OmegaConf: e.g. a bad ${interpolation}
             _remove_if_empty(out_dir)
-            _fail(str(exc))
+            _fail(str(exc) if isinstance(exc, ConfigError) else error_line(exc, []))
         from fedtune.runtime.simulation import simulate
 
         summary = simulate(run_cfg, out_dir)
@@ -105,6 +107,9 @@ def main(argv: list[str] | None = None) -> None:
     if command == "run":
         try:
             check_group_choices(rest)
+            if not any(arg.startswith("-") for arg in rest):  # one run (not -m, --help, ...): validate it now,
+                # since @hydra.main reports a bad override over many lines with exit code 1
+                compose([arg for arg in rest if not arg.lstrip("+~").startswith("hydra")])
         except ConfigError as exc:
             _fail(str(exc))
         sys.argv = ["fedtune run", *rest]

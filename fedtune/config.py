@@ -69,8 +69,8 @@ class PartitionConfig:
     def __post_init__(self) -> None:
         if self.kind not in PARTITION_KINDS:
             raise ValueError(f"kind: unknown partitioner {self.kind!r}; accepted: {', '.join(PARTITION_KINDS)}")
-        if self.alpha <= 0:
-            raise ValueError(f"alpha must be > 0, got {self.alpha}")
+        if not (self.alpha > 0 and math.isfinite(self.alpha)):
+            raise ValueError(f"alpha must be a positive finite number, got {self.alpha}")
         if self.min_partition_size < 0:
             raise ValueError(f"min_partition_size must be >= 0, got {self.min_partition_size}")
 
@@ -92,8 +92,8 @@ class TrainConfig:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ValueError(f"lr must be a positive number, got {self.lr}")
-        if self.weight_decay < 0:
-            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if not (self.weight_decay >= 0 and math.isfinite(self.weight_decay)):
+            raise ValueError(f"weight_decay must be a finite number >= 0, got {self.weight_decay}")
         if self.optimizer not in ("adamw", "sgd"):
             raise ValueError(f"optimizer: unknown {self.optimizer!r}; accepted: adamw, sgd")
 
@@ -115,6 +115,9 @@ class EvalConfig:
             raise ValueError(f"every must be >= 1, got {self.every}")
 
 
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
 @dataclass
 class RuntimeConfig:
     """Where clients run.  Ray is capped to this machine and shut down after every run."""
@@ -130,14 +133,19 @@ class RuntimeConfig:
     def __post_init__(self) -> None:
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"device: unknown {self.device!r}; accepted: auto, cpu, cuda")
-        if self.client_num_cpus <= 0:
-            raise ValueError(f"client_num_cpus must be > 0, got {self.client_num_cpus}")
-        if self.client_num_gpus is not None and self.client_num_gpus < 0:
-            raise ValueError(f"client_num_gpus must be >= 0, got {self.client_num_gpus}")
+        if not (self.client_num_cpus > 0 and math.isfinite(self.client_num_cpus)):
+            raise ValueError(f"client_num_cpus must be a positive number, got {self.client_num_cpus}")
+        if self.client_num_gpus is not None and not (self.client_num_gpus >= 0 and math.isfinite(self.client_num_gpus)):
+            raise ValueError(f"client_num_gpus must be a number >= 0 (or null for auto), got {self.client_num_gpus}")
         if self.ray_num_cpus is not None and self.ray_num_cpus < 1:
             raise ValueError(f"ray_num_cpus must be >= 1, got {self.ray_num_cpus}")
         if self.ray_object_store_mb < 64:
             raise ValueError(f"ray_object_store_mb must be >= 64, got {self.ray_object_store_mb}")
+        if self.log_level.upper() not in LOG_LEVELS:
+            raise ValueError(f"log_level: unknown {self.log_level!r}; accepted: {', '.join(LOG_LEVELS)}")
+        if not self.ray_address and self.ray_num_cpus is not None and self.client_num_cpus > self.ray_num_cpus:
+            raise ValueError(f"client_num_cpus ({self.client_num_cpus:g}) exceeds runtime.ray_num_cpus "
+                             f"({self.ray_num_cpus}): no client could be scheduled")
 
 
 PRIVACY_NAMES = ("none", "dp_sgd")
@@ -170,12 +178,15 @@ class PrivacyConfig:
 
     def __post_init__(self) -> None:
         if self.name not in PRIVACY_NAMES:
-            raise ValueError(f"name: unknown privacy mode {self.name!r}; accepted: {', '.join(PRIVACY_NAMES)}")
+            raise ValueError(f"name: unknown privacy mode {self.name!r}; "
+                             f"accepted: {', '.join(PRIVACY_NAMES)}, client_dp")
         if self.noise_multiplier is not None and not (self.noise_multiplier >= 0 and
                                                       math.isfinite(self.noise_multiplier)):
             raise ValueError(f"noise_multiplier must be a number >= 0, got {self.noise_multiplier}")
         if self.target_epsilon is not None and not self.target_epsilon > 0:
             raise ValueError(f"target_epsilon must be > 0, got {self.target_epsilon}")
+        if self.target_epsilon is not None and math.isinf(self.target_epsilon):
+            raise ValueError("target_epsilon must be finite (null means no budget), got inf")
         if not 0.0 < self.delta < 1.0:
             raise ValueError(f"delta must be in (0, 1) (and < 1/n for n examples per client), got {self.delta}")
         if not (self.max_grad_norm > 0 and math.isfinite(self.max_grad_norm)):
@@ -195,6 +206,73 @@ class PrivacyConfig:
             raise ValueError("noise_multiplier 0 gives epsilon = inf: it cannot meet privacy.target_epsilon")
 
 
+CLIPPING_SIDES = ("server", "client")
+
+
+@dataclass
+class ClientDPConfig:
+    """Client-level (user-level) DP with Flower's fixed-clipping wrappers (``privacy=client_dp``).
+
+    Each sampled client's update (reply − global) is clipped to L2 norm ``clipping_norm``
+    (C) on the ``server`` or, by Flower's ``fixedclipping_mod``, on the ``client``; the
+    server adds ``N(0, (σC/m)²)`` to the uniform mean of the m = clients_per_round
+    updates (:mod:`fedtune.privacy.client_level`).  σ must be > 0: a σ of 0 releases the
+    exact mean, which is no privacy.  ``delta`` is only used to report ε (δ < 1/num_clients
+    is checked with the federation).  ``reproducible_noise``: draw the noise from the
+    run's seeded stream (a simulation repeats exactly; anyone who knows the seed can
+    remove the noise, so turn it off outside simulation).
+    """
+
+    name: str = "client_dp"
+    clipping: str = "server"
+    noise_multiplier: float = 1.0
+    clipping_norm: float = 1.0
+    delta: float = 1e-5
+    reproducible_noise: bool = True
+
+    def __post_init__(self) -> None:
+        if self.name != "client_dp":
+            raise ValueError(f"name: expected 'client_dp' for this section, got {self.name!r}")
+        if self.clipping not in CLIPPING_SIDES:
+            raise ValueError(f"clipping: unknown side {self.clipping!r}; accepted: {', '.join(CLIPPING_SIDES)}")
+        if not (self.noise_multiplier > 0 and math.isfinite(self.noise_multiplier)):
+            raise ValueError(f"noise_multiplier must be a positive number (sigma = 0 is no privacy), "
+                             f"got {self.noise_multiplier}")
+        if not (self.clipping_norm > 0 and math.isfinite(self.clipping_norm)):
+            raise ValueError(f"clipping_norm must be a positive number, got {self.clipping_norm}")
+        if not 0.0 < self.delta < 1.0:
+            raise ValueError(f"delta must be in (0, 1) (and < 1/num_clients), got {self.delta}")
+
+
+FAULT_MALFORMED = ("nan_value", "inf_value", "wrong_shape", "wrong_dtype", "missing_key", "extra_key",
+                   "bad_num_examples")
+FAULT_MODES = ("raise", "exit", *FAULT_MALFORMED, "malformed")  # malformed = each of FAULT_MALFORMED in turn
+
+
+@dataclass
+class FaultsConfig:
+    """Fault injection on clients (off by default; :mod:`fedtune.flower.faults`).
+
+    Each round, ``round(fraction · num_clients)`` partitions drawn from the stream
+    ``("faults", round)`` are faulty; those sampled fail after their local training with
+    the next of ``modes`` (cycled): ``raise`` (the ClientApp raises), ``exit`` (its process
+    dies), or a malformed reply (``nan_value``, ``inf_value``, ``wrong_shape``, ``wrong_dtype``,
+    ``missing_key``, ``extra_key``, ``bad_num_examples``; ``malformed`` = all of these in turn).
+    """
+
+    fraction: float = 0.0
+    modes: list[str] = field(default_factory=lambda: ["raise"])
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.fraction <= 1.0:
+            raise ValueError(f"fraction must be in [0, 1], got {self.fraction}")
+        if not self.modes:
+            raise ValueError(f"modes must name at least one fault; accepted: {', '.join(FAULT_MODES)}")
+        for mode in self.modes:
+            if mode not in FAULT_MODES:
+                raise ValueError(f"modes: unknown fault {mode!r}; accepted: {', '.join(FAULT_MODES)}")
+
+
 @dataclass
 class RunConfig:
     """Everything one federated run needs; the single source of truth for server and clients."""
@@ -209,7 +287,8 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
-    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    privacy: PrivacyConfig | ClientDPConfig = field(default_factory=PrivacyConfig)
+    faults: FaultsConfig = field(default_factory=FaultsConfig)
 
     def __post_init__(self) -> None:
         if self.num_rounds < 1:
@@ -239,6 +318,13 @@ def from_dict(data: dict[str, Any]) -> RunConfig:
         "model": _named_section(data, "model", MODELS),
         "dataset": _named_section(data, "dataset", DATASETS),
     }
+    from fedtune.models.causal_lm import check_model_dataset
+
+    check_model_dataset(named["model"].name, named["dataset"].name)  # a causal LM needs an instruction task
+    if isinstance(data.get("privacy"), dict) and data["privacy"].get("name") == "client_dp":
+        from fedtune.privacy.client_level import build_section
+
+        named["privacy"] = build_section(data["privacy"])  # its own dataclass, ClientDPConfig
     rest = {k: v for k, v in data.items() if k not in named}
     cfg = build(RunConfig, {**rest, **{k: {} for k in named}}, "")
     for key, value in named.items():
@@ -288,5 +374,7 @@ def compose(overrides: list[str] | str = ()) -> RunConfig:
             composed = hydra_compose(config_name="config", overrides=list(overrides))
             data = OmegaConf.to_container(composed, resolve=True)
     except (HydraException, OmegaConfBaseException) as exc:
-        raise ConfigError(str(exc).splitlines()[0]) from None
+        from fedtune.hydra_errors import error_line
+
+        raise ConfigError(error_line(exc, list(overrides))) from None
     return from_dict(data)  # type: ignore[arg-type]

@@ -6,13 +6,19 @@ The ids are hashed (SHA-256) into a 63-bit seed, so streams are independent of e
 other, identical in every process and on every host, and never depend on global RNG
 state.  Tensors are drawn on CPU in fp32 with an explicit ``torch.Generator`` and moved
 to their device afterwards, so CPU and GPU runs see bit-identical draws.
+
+Seeded directions (FedKSeed, Ferret) are drawn here too (:func:`draw_directions`,
+:func:`add_directions`, :func:`seed_pool`); :mod:`fedtune.directions` owns the sources a
+run uses for a fixed seed pool (streamed, or a per-process in-memory bank of the same
+rows, filled through :func:`fill_directions`), so this module stays the only place where
+a seed becomes a tensor.
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
-from typing import Union
+from typing import Iterable, Union
 
 import numpy as np
 import torch
@@ -67,6 +73,23 @@ def second_moment(kind: str, numel: int) -> float:
     return 1.0 if kind == "gaussian" else 1.0 / (3.0 * numel)
 
 
+def fill_directions(rows: Iterable[torch.Tensor], seeds: Iterable[int], kind: str = "gaussian") -> None:
+    """Write ``z(s)`` into each row (a contiguous 1-D fp32 view whose length is ``n``).
+
+    The single implementation of the convention: one CPU generator, re-seeded per row.
+    """
+    if kind not in DIRECTION_KINDS:
+        raise ValueError(f"kind: unknown direction kind {kind!r}; accepted: {', '.join(DIRECTION_KINDS)}")
+    gen = torch.Generator(device="cpu")
+    for row, s in zip(rows, seeds):
+        gen.manual_seed(int(s))
+        if kind == "gaussian":
+            torch.randn(row.numel(), generator=gen, out=row)
+        else:
+            bound = 1.0 / math.sqrt(row.numel())
+            row.uniform_(-bound, bound, generator=gen)
+
+
 def draw_directions(seeds: torch.Tensor | list[int], numel: int, kind: str = "gaussian",
                     out: torch.Tensor | None = None) -> torch.Tensor:
     """Rows ``z(s)`` for each seed ``s``: a ``(len(seeds), numel)`` CPU fp32 tensor.
@@ -74,19 +97,10 @@ def draw_directions(seeds: torch.Tensor | list[int], numel: int, kind: str = "ga
     One generator is re-seeded per row (no allocation per seed); ``out`` is filled in
     place when given, so a caller can reuse one scratch buffer across calls.
     """
-    if kind not in DIRECTION_KINDS:
-        raise ValueError(f"kind: unknown direction kind {kind!r}; accepted: {', '.join(DIRECTION_KINDS)}")
     seeds = [int(s) for s in seeds]
     if out is None:
         out = torch.empty(len(seeds), numel, dtype=torch.float32)
-    gen = torch.Generator(device="cpu")
-    bound = 1.0 / math.sqrt(numel)
-    for row, s in zip(out, seeds):
-        gen.manual_seed(s)
-        if kind == "gaussian":
-            torch.randn(numel, generator=gen, out=row)
-        else:
-            row.uniform_(-bound, bound, generator=gen)
+    fill_directions(out, seeds, kind)
     return out
 
 

@@ -98,8 +98,8 @@ class FedSBConfig:
     def __post_init__(self) -> None:
         if self.rank <= 0:
             raise ValueError(f"rank must be > 0, got {self.rank}")
-        if self.alpha is not None and self.alpha <= 0:
-            raise ValueError(f"alpha must be > 0 (or null for alpha = rank), got {self.alpha}")
+        if self.alpha is not None and not 0 < self.alpha < float("inf"):
+            raise ValueError(f"alpha must be a finite number > 0 (or null for alpha = rank), got {self.alpha}")
         if self.weighting not in ("examples", "uniform"):
             raise ValueError(f"weighting: unknown {self.weighting!r}; accepted: examples, uniform")
         if self.init_samples < 1:
@@ -108,8 +108,8 @@ class FedSBConfig:
             raise ValueError(f"init_batch_size must be >= 1, got {self.init_batch_size}")
         if self.init_upload not in ("gradient", "sign"):
             raise ValueError(f"init_upload: unknown {self.init_upload!r}; accepted: gradient, sign")
-        if self.init_step is not None and not self.init_step > 0:
-            raise ValueError(f"init_step must be > 0 (or null for train.lr), got {self.init_step}")
+        if self.init_step is not None and not 0 < self.init_step < float("inf"):
+            raise ValueError(f"init_step must be a finite number > 0 (or null for train.lr), got {self.init_step}")
         if self.svd not in ("exact", "lowrank"):
             raise ValueError(f"svd: unknown {self.svd!r}; accepted: exact, lowrank")
 

@@ -6,8 +6,9 @@ algorithms.md §5.
 
 Every party derives the same **K candidate seeds** ``s_1..s_K`` from the run seed, and
 ``z_j = z(s_j) ∈ R^d`` is the seeded Gaussian direction over the tuned parameters
-(:func:`fedtune.randomness.draw_directions`).  A client runs τ two-point (MeZO-style)
-steps in eval mode, drawing ``j_t`` uniformly (Pro: from ``p``)::
+(:func:`fedtune.randomness.draw_directions`, served by :mod:`fedtune.directions`).  A
+client runs τ two-point (MeZO-style) steps in eval mode, drawing ``j_t`` uniformly (Pro:
+from ``p``)::
 
     g_t = (L(θ + ε z_{j_t}; B_t) − L(θ − ε z_{j_t}; B_t)) / (2ε),    θ ← θ − η g_t z_{j_t}
 
@@ -20,6 +21,12 @@ keeps one accumulator per seed, never reset, ``a_j ← a_j + Σ_k p_k Σ_{t: j_t
 exact only for a constant η, zero weight decay and the same η everywhere (refused
 otherwise).  A client that was away any number of rounds needs only ``a``: it replays
 ``a − a_last`` onto its cached model, or ``a`` onto θ0 (:class:`SeedReplica`).
+
+Since the K seeds are fixed for the run, each process (server, Ray actor) generates the
+K×d directions once into a :class:`~fedtune.directions.DirectionBank` when
+``4·K·d ≤ direction_cache_mb`` MiB: a rebuild or sync is then one matrix-vector product
+(or one axpy per changed seed) and a ZO step reads its row; above the cap the
+directions are regenerated on every use (streaming), with the same results.
 
 Pro keeps each seed's history of scalar gradients ``h_j`` (starting ``[0]``) and sends
 ``p = softmax(ψ̃)``, ``ψ_j = mean |clip(h_j, ±1000)|``, ``ψ̃`` min–max normalised, so
@@ -39,17 +46,23 @@ from typing import Callable
 import torch
 from flwr.common.logger import log
 
+from fedtune.directions import SeedDirections, directions_for
 from fedtune.errors import ConfigError
 from fedtune.flower.strategy import Arrays, ClientUpdate, FedtuneStrategy, weights_for
-from fedtune.randomness import add_directions, draw_directions, seed_pool
+from fedtune.randomness import seed_pool
 from fedtune.registry import register_method
+from strategies.seed_replay import SeedReplica, flatten, unflatten, zo_steps  # noqa: F401  (re-exported)
 
-# Which parameters are tuned: name substrings (None = every parameter).
+# Which parameters are tuned: name substrings (None = every parameter); BERT names, then
+# Llama ones (model=smollm2: RMSNorms `*_layernorm.`/`model.norm.`, no biases).  SmolLM2's
+# lm_head is tied to the input embeddings and named once, `model.embed_tokens.weight`
+# (28.3 M), so it is tuned only under `all`; "lm_head." matches an untied head.
 TRAINABLE_PRESETS: dict[str, tuple[str, ...] | None] = {
     "all": None,
-    "no_embeddings": ("encoder.", "pooler.", "classifier.", "embeddings.LayerNorm"),
-    "bias_and_head": ("bias", "LayerNorm", "pooler.", "classifier."),
-    "head_and_norms": ("LayerNorm", "pooler.", "classifier."),
+    "no_embeddings": ("encoder.", "pooler.", "classifier.", "embeddings.LayerNorm",
+                      "model.layers.", "model.norm.", "lm_head."),
+    "bias_and_head": ("bias", "LayerNorm", "pooler.", "classifier.", "layernorm.", "model.norm.", "lm_head."),
+    "head_and_norms": ("LayerNorm", "pooler.", "classifier.", "layernorm.", "model.norm.", "lm_head."),
 }
 ENCODINGS = ("pairs", "sums")
 PRO_CLIP = 1000.0
@@ -66,73 +79,6 @@ def check_exact(cfg) -> None:  # type: ignore[no-untyped-def]
     if cfg.train.weight_decay != 0:
         raise ConfigError(f"train.weight_decay must be 0 for {cfg.strategy.name} (the per-seed accumulators "
                           f"replay the model only without decay), got {cfg.train.weight_decay}")
-
-
-def flatten(arrays: Arrays) -> tuple[list[str], list[torch.Size], torch.Tensor]:
-    """Sorted names, shapes and the fp32 concatenation (canonical order of §1.2)."""
-    names = sorted(arrays)
-    flat = torch.cat([arrays[n].detach().reshape(-1).to("cpu", torch.float32) for n in names])
-    return names, [arrays[n].shape for n in names], flat
-
-
-def unflatten(flat: torch.Tensor, names: list[str], shapes: list[torch.Size]) -> Arrays:
-    out, pos = {}, 0
-    for name, shape in zip(names, shapes):
-        n = shape.numel()
-        out[name] = flat[pos: pos + n].reshape(shape).clone()
-        pos += n
-    return out
-
-
-class SeedReplica:
-    """``θ = θ0 + apply(c)`` for a coefficient tensor ``c`` the model is linear in.
-
-    :meth:`sync` moves θ to new coefficients by replaying only the changed entries
-    (``apply(θ, c_new − c_old)``), or rebuilds from θ0 when that touches fewer seeds
-    (first call, a new run in the same process).
-    """
-
-    def __init__(self, theta0: torch.Tensor, apply: Callable[[torch.Tensor, torch.Tensor], None]) -> None:
-        self.theta0, self.apply = theta0.clone(), apply
-        self.theta, self.coeffs = theta0.clone(), None
-
-    def rebuild(self, coeffs: torch.Tensor) -> torch.Tensor:
-        theta = self.theta0.clone()
-        self.apply(theta, coeffs)
-        return theta
-
-    def sync(self, coeffs: torch.Tensor) -> int:
-        """Bring θ to ``coeffs``; return how many seeds were replayed."""
-        coeffs = coeffs.to(torch.float32)
-        delta = coeffs if self.coeffs is None else coeffs - self.coeffs
-        changed, total = int((delta != 0).sum()), int((coeffs != 0).sum())
-        if self.coeffs is None or total <= changed:
-            self.theta, changed = self.rebuild(coeffs), total
-        else:
-            self.apply(self.theta, delta)
-        self.coeffs = coeffs.clone()
-        return changed
-
-
-def zo_steps(theta: torch.Tensor, seeds: torch.Tensor, loss_at: Callable[[torch.Tensor, int], float],
-             eps: float, lr: float, grad_clip: float = 0.0) -> tuple[torch.Tensor, list[float]]:
-    """τ two-point SPSA steps on ``theta`` (updated in place, any float dtype).
-
-    ``loss_at(vector, t)`` evaluates the loss at parameters ``vector`` on step t's batch.
-    Returns the scalar gradients ``g_t`` (a step with ``|ℓ+ − ℓ−| > grad_clip > 0`` is
-    skipped, g = 0) and the mean losses ``(ℓ+ + ℓ−)/2``.
-    """
-    buf = torch.empty(1, theta.numel(), dtype=torch.float32)
-    grads, losses = torch.zeros(len(seeds), dtype=torch.float32), []
-    for t, s in enumerate(seeds.tolist()):
-        z = draw_directions([s], theta.numel(), out=buf)[0].to(theta.device, theta.dtype)
-        plus, minus = loss_at(theta + eps * z, t), loss_at(theta - eps * z, t)
-        losses.append(0.5 * (plus + minus))
-        if grad_clip > 0 and abs(plus - minus) > grad_clip:
-            continue
-        grads[t] = (plus - minus) / (2 * eps)
-        theta.add_(z, alpha=-lr * float(grads[t]))
-    return grads, losses
 
 
 def drop_invalid(updates: list[ClientUpdate], problem: Callable[[Arrays], str]) -> list[ClientUpdate]:
@@ -183,6 +129,13 @@ def pro_probabilities(abs_sum: torch.Tensor, counts: torch.Tensor) -> torch.Tens
     return (p / p.sum()).float()
 
 
+def check_cache_mb(value: float) -> None:
+    """``direction_cache_mb`` must be a finite number of MiB >= 0 (0 = never bank)."""
+    if not 0 <= value < float("inf"):
+        raise ValueError(f"direction_cache_mb must be a number of MiB >= 0 (0 = regenerate directions on "
+                         f"every use), got {value}")
+
+
 @dataclass
 class FedKSeedConfig:
     """``strategy=fedkseed`` (see ``configs/strategy/fedkseed.yaml``).
@@ -194,6 +147,8 @@ class FedKSeedConfig:
     encoding : upload ``pairs`` (τ index/value pairs) or ``sums`` (K per-seed sums).
     grad_clip : skip a step with ``|ℓ+ − ℓ−|`` above this (0 = off).
     weighting : ``examples`` or ``uniform`` client weights.
+    direction_cache_mb : per-process cap (MiB) on the bank of K×d fp32 directions;
+        above it (or 0) directions are regenerated on every use.
     """
 
     name: str = "fedkseed"
@@ -206,16 +161,18 @@ class FedKSeedConfig:
     encoding: str = "pairs"
     grad_clip: float = 0.0
     weighting: str = "examples"
+    direction_cache_mb: float = 1024.0
 
     def __post_init__(self) -> None:
+        check_cache_mb(self.direction_cache_mb)
         for key in ("num_seeds", "local_steps", "batch_size"):
             if getattr(self, key) < 1:
                 raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")
         if self.num_seeds > 1 << 31:
             raise ValueError(f"num_seeds must be <= 2**31, got {self.num_seeds}")
         for key in ("eps", "lr"):
-            if not getattr(self, key) > 0:
-                raise ValueError(f"{key} must be > 0, got {getattr(self, key)}")
+            if not 0 < getattr(self, key) < float("inf"):
+                raise ValueError(f"{key} must be a finite number > 0, got {getattr(self, key)}")
         if self.grad_clip < 0:
             raise ValueError(f"grad_clip must be >= 0 (0 = off), got {self.grad_clip}")
         if self.trainable not in TRAINABLE_PRESETS:
@@ -247,9 +204,11 @@ class FedKSeed(FedtuneStrategy):
 
     def __init__(self, *, num_seeds: int = 4096, local_steps: int = 200, lr: float = 1e-3,
                  encoding: str = "pairs", batch_size: int = 1, eps: float = 5e-4,
-                 trainable: str = "head_and_norms", grad_clip: float = 0.0, **base) -> None:  # type: ignore[no-untyped-def]
+                 trainable: str = "head_and_norms", grad_clip: float = 0.0, direction_cache_mb: float = 1024.0,
+                 **base) -> None:  # type: ignore[no-untyped-def]
         super().__init__(**base)
         self.num_seeds, self.local_steps, self.lr, self.encoding = num_seeds, local_steps, lr, encoding
+        self.direction_cache_mb = direction_cache_mb
         self.seeds = seed_pool(self.seed, num_seeds, "fedkseed-pool")
         self.accumulators = torch.zeros(num_seeds, dtype=torch.float32)
         self.abs_sum = torch.zeros(num_seeds, dtype=torch.float64)  # Pro: Σ|clip(g)| per seed,
@@ -262,13 +221,18 @@ class FedKSeed(FedtuneStrategy):
         check_exact(cfg)
         return super().from_config(cfg)  # type: ignore[return-value]
 
+    def directions(self) -> SeedDirections:
+        """This process's source of ``z_j`` (the cached bank when it fits the cap)."""
+        return directions_for(self.seeds, "gaussian", numel=self.numel, cache_mb=self.direction_cache_mb)
+
     def replay(self, theta: torch.Tensor, coeffs: torch.Tensor) -> None:
         """``θ ← θ − η Σ_j c_j z_j``."""
-        add_directions(theta, self.seeds, coeffs, "gaussian", alpha=-self.lr)
+        self.directions().add(theta, coeffs, alpha=-self.lr)
 
     def initialize(self, arrays: Arrays) -> None:
         super().initialize(arrays)
         self.names, self.shapes, theta0 = flatten(arrays)
+        self.numel = theta0.numel()
         self.replica = SeedReplica(theta0, self.replay)
 
     def downlink(self, server_round: int, partition_id: int) -> Arrays:

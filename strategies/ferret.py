@@ -23,8 +23,13 @@ each ``‖γ̄_{j,l} v_{j,l}‖ ≤ clip`` and scaling by the server lr ``η_s``
 Each ``c`` is a scalar multiple of a shared basis, so the global model is
 ``w0 − Σ_{j,l} C_{j,l} v_{j,l}`` with the accumulated ``C ∈ R^{K×L}``: the downlink is C
 (``4KL`` bytes, "≤ K·L" of §8) and a client syncs by replaying ``C − C_last``, exactly
-as FedKSeed (:class:`~strategies.fedkseed.SeedReplica`).  Uplink per client and round:
+as FedKSeed (:class:`~strategies.seed_replay.SeedReplica`).  Uplink per client and round:
 ``4L`` (the K_l) + ``(4 + b_idx) Σ_l K_l``.
+
+The pool is fixed for the run, so every process keeps all K×d bases (row j = the L
+blocks ``v_{j,l}`` side by side) in a :class:`~fedtune.directions.DirectionBank` when
+``4·K·d ≤ direction_cache_mb`` MiB: projection, clipping norms and replays read it
+instead of regenerating (same bases bit for bit; above the cap they are streamed).
 """
 
 from __future__ import annotations
@@ -32,14 +37,18 @@ from __future__ import annotations
 import math
 import statistics
 from dataclasses import dataclass
+from typing import Union
 
 import torch
 
 from fedtune.flower.strategy import Arrays, ClientUpdate, FedtuneStrategy, weights_for
-from fedtune.randomness import add_directions, derive_seed, draw_directions, seed_pool
+from fedtune.directions import SeedDirections, directions_for
+from fedtune.randomness import derive_seed, seed_pool
 from fedtune.registry import register_method
-from strategies.fedkseed import (TRAINABLE_PRESETS, SeedReplica, bad_indices, drop_invalid, flatten, index_dtype,
-                                 unflatten)
+from strategies.fedkseed import TRAINABLE_PRESETS, bad_indices, check_cache_mb, drop_invalid, index_dtype
+from strategies.seed_replay import SeedReplica, flatten, unflatten
+
+Bases = Union[torch.Tensor, SeedDirections]
 
 SCALINGS = ("unbiased", "official")
 
@@ -64,6 +73,11 @@ def block_seeds(pool: torch.Tensor, num_blocks: int) -> torch.Tensor:
                         dtype=torch.int64)
 
 
+def as_bases(bases: Bases, blocks: list[tuple[int, int]]) -> SeedDirections:
+    """The basis source: given as is, or streamed from a ``(K, L)`` seed matrix."""
+    return bases if isinstance(bases, SeedDirections) else SeedDirections(bases, "uniform", blocks)
+
+
 def seeds_per_block(norms: torch.Tensor, num_seeds: int) -> torch.Tensor:
     """Adaptive ``K_l = max(⌊K ‖Δ_l‖ / max ‖Δ‖⌋, 2)`` (capped at K)."""
     top = float(norms.max())
@@ -76,26 +90,30 @@ def coordinate_scale(scaling: str, block_size: int, k: int) -> float:
     return (3.0 if scaling == "unbiased" else 1.0) * block_size / k
 
 
-def project(delta: torch.Tensor, blocks: list[tuple[int, int]], seeds: torch.Tensor, num_seeds: int,
+def project(delta: torch.Tensor, blocks: list[tuple[int, int]], seeds: Bases, num_seeds: int,
             scaling: str, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Client side: ``(K_l per block, chosen seed indices, coordinates γ)``, concatenated by block."""
-    delta = delta.float()
+    """Client side: ``(K_l per block, chosen seed indices, coordinates γ)``, concatenated by block.
+
+    ``seeds``: the ``(K, L)`` basis seeds, or their :class:`SeedDirections` (a bank).
+    """
+    delta, source = delta.float(), as_bases(seeds, blocks)
     norms = torch.stack([delta[a:b].norm() for a, b in blocks])
     counts = seeds_per_block(norms, num_seeds)
     indices, values = [], []
     for l, ((a, b), k) in enumerate(zip(blocks, counts.tolist())):
         idx = torch.randperm(num_seeds, generator=generator)[:k]
-        bases = draw_directions(seeds[idx, l], b - a, "uniform")
+        bases = source.rows(idx, l)
         indices.append(idx)
         values.append(coordinate_scale(scaling, b - a, k) * (bases @ delta[a:b]))
     return counts, torch.cat(indices), torch.cat(values)
 
 
 def reconstruct(counts: torch.Tensor, indices: torch.Tensor, values: torch.Tensor,
-                blocks: list[tuple[int, int]], seeds: torch.Tensor) -> torch.Tensor:
+                blocks: list[tuple[int, int]], seeds: Bases) -> torch.Tensor:
     """``Δ̃ = Σ_{j,l} γ_{j,l} v_{j,l}`` (flat)."""
+    source = as_bases(seeds, blocks)
     out = torch.zeros(blocks[-1][1], dtype=torch.float32)
-    return apply_coefficients(out, scatter(counts, indices, values, seeds.shape[0]), blocks, seeds, alpha=1.0)
+    return apply_coefficients(out, scatter(counts, indices, values, source.num_seeds), blocks, source, alpha=1.0)
 
 
 def scatter(counts: torch.Tensor, indices: torch.Tensor, values: torch.Tensor, num_seeds: int) -> torch.Tensor:
@@ -107,21 +125,19 @@ def scatter(counts: torch.Tensor, indices: torch.Tensor, values: torch.Tensor, n
 
 
 def apply_coefficients(theta: torch.Tensor, coeffs: torch.Tensor, blocks: list[tuple[int, int]],
-                       seeds: torch.Tensor, alpha: float = -1.0) -> torch.Tensor:
+                       seeds: Bases, alpha: float = -1.0) -> torch.Tensor:
     """``θ_l += alpha · Σ_j C_{j,l} v_{j,l}`` for every block (in place)."""
-    for l, (a, b) in enumerate(blocks):
-        add_directions(theta[a:b], seeds[:, l], coeffs[:, l], "uniform", alpha=alpha)
-    return theta
+    return as_bases(seeds, blocks).add(theta, coeffs, alpha=alpha)
 
 
-def server_coefficients(gamma: torch.Tensor, blocks: list[tuple[int, int]], seeds: torch.Tensor,
+def server_coefficients(gamma: torch.Tensor, blocks: list[tuple[int, int]], seeds: Bases,
                         server_lr: float, clip: float) -> torch.Tensor:
     """``c_{j,l} = η_s γ̄ min(1, clip/(|γ̄| ‖v_{j,l}‖))`` (clip ≤ 0: off), fp32 ``(K, L)``."""
-    out = server_lr * gamma.double()
+    out, source = server_lr * gamma.double(), as_bases(seeds, blocks)
     if clip > 0:
         for l, (a, b) in enumerate(blocks):
             rows = gamma[:, l].nonzero().flatten()
-            norms = draw_directions(seeds[rows, l], b - a, "uniform").norm(dim=1).double()
+            norms = source.rows(rows, l).norm(dim=1).double()
             size = gamma[rows, l].double().abs() * norms
             out[rows, l] *= torch.clamp(clip / size, max=1.0)
     return out.float()
@@ -137,6 +153,7 @@ class FerretConfig:
     clip : per-(seed, block) norm bound on ``γ̄ v`` (0 = off; official 10).
     trainable : tuned parameters, a key of ``TRAINABLE_PRESETS``.
     weighting : ``examples`` or ``uniform`` (the official script).
+    direction_cache_mb : per-process cap (MiB) on the bank of all K×d bases (0 = stream).
     """
 
     name: str = "ferret"
@@ -146,8 +163,10 @@ class FerretConfig:
     clip: float = 10.0
     trainable: str = "head_and_norms"
     weighting: str = "examples"
+    direction_cache_mb: float = 1024.0
 
     def __post_init__(self) -> None:
+        check_cache_mb(self.direction_cache_mb)
         if not 2 <= self.num_seeds <= 1 << 31:
             raise ValueError(f"num_seeds must be in [2, 2**31], got {self.num_seeds}")
         if self.scaling not in SCALINGS:
@@ -168,9 +187,11 @@ class Ferret(FedtuneStrategy):
     name = "ferret"
 
     def __init__(self, *, num_seeds: int = 200, scaling: str = "unbiased", server_lr: float | None = None,
-                 clip: float = 10.0, trainable: str = "head_and_norms", **base) -> None:  # type: ignore[no-untyped-def]
+                 clip: float = 10.0, trainable: str = "head_and_norms", direction_cache_mb: float = 1024.0,
+                 **base) -> None:  # type: ignore[no-untyped-def]
         super().__init__(**base)
         self.num_seeds, self.scaling, self.clip = num_seeds, scaling, clip
+        self.direction_cache_mb = direction_cache_mb
         self.server_lr = server_lr if server_lr is not None else (1.0 if scaling == "unbiased" else 3.0)
         self.pool = seed_pool(self.seed, num_seeds, "ferret-pool")
 
@@ -180,7 +201,11 @@ class Ferret(FedtuneStrategy):
         self.blocks = make_blocks([s.numel() for s in self.shapes])
         self.seeds = block_seeds(self.pool, len(self.blocks))
         self.coefficients = torch.zeros(self.num_seeds, len(self.blocks), dtype=torch.float32)
-        self.replica = SeedReplica(theta0, lambda th, c: apply_coefficients(th, c, self.blocks, self.seeds))
+        self.replica = SeedReplica(theta0, lambda th, c: apply_coefficients(th, c, self.blocks, self.bases()))
+
+    def bases(self) -> SeedDirections:
+        """This process's basis source (the cached bank of all (seed, block) bases if it fits)."""
+        return directions_for(self.seeds, "uniform", segments=self.blocks, cache_mb=self.direction_cache_mb)
 
     def downlink(self, server_round: int, partition_id: int) -> Arrays:
         return {"coefficients": self.coefficients}
@@ -201,7 +226,7 @@ class Ferret(FedtuneStrategy):
         gamma = torch.zeros(self.num_seeds, len(self.blocks), dtype=torch.float64)
         for w, u in zip(weights_for(updates, self.weighting), updates):
             gamma += w * scatter(u.arrays["counts"], u.arrays["indices"], u.arrays["values"], self.num_seeds)
-        step = server_coefficients(gamma, self.blocks, self.seeds, self.server_lr, self.clip)
+        step = server_coefficients(gamma, self.blocks, self.bases(), self.server_lr, self.clip)
         self.coefficients = (self.coefficients.double() + step.double()).float()
         self.replica.sync(self.coefficients)
         return unflatten(self.replica.theta, self.names, self.shapes)

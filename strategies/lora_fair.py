@@ -123,10 +123,12 @@ class LoRAFAIRConfig:
         require_choice("weighting", self.weighting, WEIGHTINGS)
         if not self.lam >= 0:
             raise ValueError(f"lam must be >= 0, got {self.lam}")
+        if self.lam == float("inf"):
+            raise ValueError(f"lam must be a finite number, got {self.lam}")
         if self.steps < 0:
             raise ValueError(f"steps must be >= 0, got {self.steps}")
-        if not self.lr > 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if not 0 < self.lr < float("inf"):
+            raise ValueError(f"lr must be a finite number > 0, got {self.lr}")
 
 
 class LoRAFAIR(FedtuneStrategy):

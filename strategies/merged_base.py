@@ -29,6 +29,7 @@ import torch
 
 from clients.base_delta import DELTA, DELTA_A, DELTA_B, set_base, split_deltas
 from fedtune.flower.strategy import Arrays, FedtuneStrategy
+from fedtune.models.export import save_base_delta
 from strategies.lora_math import lora_pairs, require_choice
 
 DELTA_MODES = ("dense", "factored")
@@ -107,6 +108,11 @@ class MergedBaseStrategy(FedtuneStrategy):
 
     def downlink(self, server_round: int, partition_id: int) -> Arrays:
         return {**self.global_arrays, **self.delta.arrays()}
+
+    def export(self, model: torch.nn.Module, path: str) -> None:
+        """The adapter, plus ``D`` in ``base_delta.safetensors`` (:mod:`fedtune.models.export`)."""
+        super().export(model, path)
+        save_base_delta(path, self.delta.total())
 
     def load_base(self, model: torch.nn.Module) -> None:
         """``W ← W0 + D`` on the server's model, through the clients' own code path."""

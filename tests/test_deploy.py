@@ -1,9 +1,19 @@
 """Issue 6: the same app on Flower's deployment engine (SuperLink + SuperNodes) and on a Ray cluster.
 
-Everything listens on 127.0.0.1, on ports in 39500-39999; every process a test starts is
-stopped by that test, by PID, with bounded waits.  Deployment rounds are slow (each
-message spawns a ``flwr-clientapp`` process that imports torch; the ServerApp polls
-every 3 s), so rounds and clients are minimal.
+Everything listens on 127.0.0.1, on ports in 23500-23999 (below Linux's ephemeral range,
+so no outgoing connection can hold one); every process the module starts is stopped by
+its fixtures, by PID, with bounded waits.
+
+To fit CI (2 cores), the module shares one secured federation (TLS + SuperNode
+authentication; 3 SuperNodes served by one warm SuperExec,
+:mod:`fedtune.runtime.warm_superexec`) and one local Ray cluster (a head and one more
+node).  :func:`scenarios` runs the deployment scenarios in an order that overlaps waiting
+with work (see there); each test then checks one scenario:
+
+* an unregistered SuperNode is refused (it tries while the federation comes up);
+* FedAvg-LoRA and FedKSeed on the federation carry the simulation's bytes;
+* the simulations, attached to the Ray cluster by address, completed on both nodes;
+* a SuperNode SIGKILLed mid-run: the round completes without it, and the run names it.
 """
 
 from __future__ import annotations
@@ -17,6 +27,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
@@ -24,14 +36,16 @@ import pytest
 
 from fedtune.config import compose
 from fedtune.results.store import METRIC_COLUMNS
-from fedtune.runtime.deploy import LocalTrial, stop_process
+from fedtune.runtime.deploy import LocalTrial, app_snapshot, stop_process, stop_processes
 from fedtune.runtime.simulation import simulate
 from fedtune.runtime.workspace import Workspace
 
 pytestmark = pytest.mark.simulation
 REPO = Path(__file__).resolve().parent.parent
 BASE = "model=tiny dataset=tiny federation.num_clients=3 num_rounds=2 seed=2"
-FEDKSEED = "strategy=fedkseed strategy.num_seeds=64 strategy.local_steps=10 strategy.batch_size=4"
+METHODS = {"fedavg_lora": "strategy=fedavg_lora",
+           "fedkseed": "strategy=fedkseed strategy.num_seeds=64 strategy.local_steps=10 strategy.batch_size=4"}
+RUN_TIMEOUT = 400.0  # seconds for one `flwr run` (CI under load); an idle 2-core box needs < 60
 
 
 def free_port(lo: int, hi: int, span: int = 1) -> int:
@@ -52,12 +66,11 @@ def read_csv(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(fh))
 
 
-def check_completed(out: Path, proc: subprocess.CompletedProcess | None = None) -> dict:
+def check_completed(out: Path, logs: str = "") -> dict:
     """``flwr run`` exits 0 even when the ServerApp fails: judge by summary.json and metrics.csv."""
-    logs = "" if proc is None else proc.stdout[-3000:] + proc.stderr[-2000:]
-    assert (out / "summary.json").is_file(), logs
+    assert (out / "summary.json").is_file(), logs[-4000:]
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["status"] == "completed", (summary, logs)
+    assert summary["status"] == "completed", (summary, logs[-4000:])
     rows = read_csv(out / "metrics.csv")
     assert list(rows[0]) == METRIC_COLUMNS
     assert [int(r["round"]) for r in rows] == [0, 1, 2]
@@ -70,92 +83,48 @@ def payloads(run_dir: Path) -> list[tuple[str, ...]]:
     return sorted((r["server_round"], r["partition_id"], r["direction"], r["kind"], r["payload_bytes"]) for r in rows)
 
 
-def assert_all_stopped(trial: LocalTrial) -> None:
+def wait_for(proc: subprocess.Popen, timeout: float) -> int:
+    """Bounded wait for a process this module started; stopped (by PID) when time runs out."""
+    try:
+        return proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        stop_process(proc.pid)
+        raise
+
+
+# ---------------------------------------------------------------------------------------- fixtures
+@dataclass
+class Federation:
+    """The module's secured federation and the unregistered SuperNode started beside it."""
+
+    trial: LocalTrial
+    intruder: subprocess.Popen
+
+
+@pytest.fixture(scope="module")
+def federation(ray_cluster: RayCluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Federation]:
+    """A SuperLink and 3 SuperNodes with TLS and SuperNode authentication (the default mode).
+
+    Started after the Ray cluster: ``ray start`` gives a node 30 s to register, which a
+    busy 2-core machine (the federation's app processes importing torch) can miss.
+    """
+    trial = LocalTrial(tmp_path_factory.mktemp("deploy") / "trial", num_nodes=3, port=free_port(23500, 23700, 6),
+                       warm=True)
+    try:
+        trial.start(timeout=120)
+        intruder = trial.start_intruder(max_wait=5)  # a valid key nobody registered
+        trial.wait_for_nodes(3, timeout=180)
+        yield Federation(trial, intruder)
+    finally:
+        trial.stop(timeout=10)
     for name, proc in trial.procs.items():
         assert proc.poll() is not None, f"{name} (PID {proc.pid}) still running"
 
 
-@pytest.mark.deploy
-def test_deployment_runs_the_same_app_with_the_same_bytes(tmp_path: Path) -> None:
-    trial = LocalTrial(tmp_path / "trial", num_nodes=3, port=free_port(39500, 39700, 5), insecure=True)
-    outs = {}
-    try:
-        with pytest.warns(UserWarning, match="insecure"):
-            trial.start(timeout=60)
-        for name, extra in (("fedavg_lora", "strategy=fedavg_lora"), ("fedkseed", FEDKSEED)):
-            outs[name] = tmp_path / f"deploy-{name}"
-            proc = trial.run(f"{BASE} {extra}", outs[name], app_dir=REPO, timeout=400)
-            check_completed(outs[name], proc)
-    finally:
-        trial.stop(timeout=10)
-    assert_all_stopped(trial)
-    for name, extra in (("fedavg_lora", "strategy=fedavg_lora"), ("fedkseed", FEDKSEED)):
-        sim = tmp_path / f"sim-{name}"
-        simulate(compose(f"{BASE} {extra}"), sim)
-        assert payloads(outs[name]) == payloads(sim), name
-        rows = read_csv(outs[name] / "metrics.csv")
-        assert [r["num_replies"] for r in rows[1:]] == ["3", "3"]
-    # FedAvg-LoRA's payload per client-round is the trainable state, 4 bytes a scalar
-    cfg = compose(f"{BASE} strategy=fedavg_lora")
-    expected = sum(v.numel() * v.element_size() for v in Workspace(cfg).initial_arrays().values())
-    assert json.loads((outs["fedavg_lora"] / "summary.json").read_text())["payload_up_per_client_round"] == expected
-
-
-@pytest.mark.deploy
-def test_tls_and_supernode_authentication(tmp_path: Path) -> None:
-    trial = LocalTrial(tmp_path / "trial", num_nodes=3, port=free_port(39700, 39800, 6))
-    out = tmp_path / "deploy"
-    try:
-        trial.start(timeout=60)
-        assert trial.creds is not None
-        config = (trial.flwr_home / "config.toml").read_text()
-        assert "root-certificates" in config and "insecure" not in config
-        intruder = trial.start_intruder()  # a valid key nobody registered
-        assert intruder.wait(timeout=60) != 0
-        log = (trial.dir / "logs" / "intruder.log").read_text()
-        assert "Failed to activate SuperNode" in log
-        trial.wait_for_nodes(3, timeout=60)
-        assert len(trial.online_nodes()) == 3
-        proc = trial.run(f"{BASE} strategy=fedavg_lora", out, app_dir=REPO, timeout=400)
-    finally:
-        trial.stop(timeout=10)
-    assert_all_stopped(trial)
-    check_completed(out, proc)
-    link_log = (trial.dir / "logs" / "superlink.log").read_text()
-    assert "No SuperNode found with the given public key" in link_log
-
-
-@pytest.mark.deploy
-def test_supernode_killed_mid_run(tmp_path: Path) -> None:
-    trial = LocalTrial(tmp_path / "trial", num_nodes=3, port=free_port(39800, 39900, 5), insecure=True)
-    out = tmp_path / "deploy"
-    overrides = f"{BASE} federation.min_clients=2 federation.round_timeout=60"
-    run = None
-    try:
-        with pytest.warns(UserWarning):
-            trial.start(timeout=60)
-        trial.wait_for_nodes(3, timeout=60)
-        run_config = f"overrides={json.dumps(overrides)} output-dir={json.dumps(str(out))}"
-        run = subprocess.Popen(["flwr", "run", str(REPO), trial.federation, "--stream", "--run-config", run_config],
-                               env=trial.env, cwd=trial.dir, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               text=True, start_new_session=True)
-        deadline = time.monotonic() + 300
-        while not ((out / "metrics.csv").is_file() and len(read_csv(out / "metrics.csv")) >= 2):
-            assert time.monotonic() < deadline and run.poll() is None, "round 1 did not finish"
-            time.sleep(1)
-        trial.kill("supernode2")  # SIGKILL, children too: partition 2 vanishes without notice
-        stdout, _ = run.communicate(timeout=300)
-    finally:
-        if run is not None and run.poll() is None:
-            stop_process(run.pid)
-        trial.stop(timeout=10)
-    assert_all_stopped(trial)
-    summary = check_completed(out)
-    rows = read_csv(out / "metrics.csv")
-    assert rows[1]["num_replies"] == "3" and rows[1]["num_failures"] == "0"
-    assert rows[2]["num_replies"] == "2" and rows[2]["num_failures"] == "1"
-    assert summary["client_failures"] == 1
-    assert "1 failed (client 2)" in stdout
+@dataclass
+class RayCluster:
+    address: str
+    temp_dir: str
 
 
 def _ray(args: list[str], env: dict[str, str]) -> None:
@@ -171,29 +140,150 @@ def _ray_ports(base: int) -> list[str]:
             "--min-worker-port", str(base + 10), "--max-worker-port", str(base + 39)]
 
 
-@pytest.mark.deploy
-def test_simulation_on_a_ray_cluster(tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def ray_cluster() -> Iterator[RayCluster]:
+    """A Ray head and one more Ray node on this machine, 1 CPU each."""
     temp_dir = tempfile.mkdtemp(prefix="ftray", dir="/tmp")  # short: Ray's socket paths must stay < 108 chars
-    head = free_port(39900, 39910)
+    head = free_port(23900, 23910)
     env = {**os.environ, "RAY_DEFAULT_OBJECT_STORE_MAX_MEMORY_BYTES": str(200 * 2**20),
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     try:
         _ray(["start", "--head", "--node-ip-address=127.0.0.1", f"--port={head}", "--num-cpus=1", "--num-gpus=0",
               "--include-dashboard=false", f"--ray-client-server-port={head + 1}", f"--temp-dir={temp_dir}",
-              "--object-store-memory", str(100 * 2**20), *_ray_ports(39910)], env)
+              "--object-store-memory", str(100 * 2**20), *_ray_ports(23910)], env)
         _ray(["start", f"--address=127.0.0.1:{head}", "--node-ip-address=127.0.0.1", "--num-cpus=1", "--num-gpus=0",
-              "--object-store-memory", str(100 * 2**20), *_ray_ports(39950)], env)
-        cfg = compose(f"{BASE} runtime.ray_address=127.0.0.1:{head} runtime.device=cpu")
-        summary = simulate(cfg, tmp_path / "sim")
-    finally:
-        for proc in psutil.process_iter(["pid", "cmdline"]):  # ours: the temp dir or the head port is in the cmdline
-            cmd = " ".join(proc.info["cmdline"] or [])
-            if temp_dir in cmd or f"127.0.0.1:{head}" in cmd:
-                stop_process(proc.info["pid"], timeout=10)
+              "--object-store-memory", str(100 * 2**20), *_ray_ports(23950)], env)
+        yield RayCluster(f"127.0.0.1:{head}", temp_dir)
+    finally:  # ours: the temp dir or the head's address is in the command line.  All at once, 2 s
+        # grace: gcs_server, raylet and the autoscaler monitor outlast 10 s of SIGTERM anyway.
+        stop_processes([p.info["pid"] for p in psutil.process_iter(["pid", "cmdline"])
+                        if temp_dir in " ".join(p.info["cmdline"] or []) or
+                        f"127.0.0.1:{head}" in " ".join(p.info["cmdline"] or [])], timeout=2)
         shutil.rmtree(temp_dir, ignore_errors=True)
-    assert summary["status"] == "completed"
-    assert summary["ray_cluster"]["nodes"] == 2 and summary["ray_cluster"]["cpus"] == 2.0
-    assert summary["ray_cluster"]["client_actors"] == 2
+
+
+@pytest.fixture(scope="module")
+def app(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The app's FAB files, copied out of the repository (``flwr run`` would walk ``.venv/`` too)."""
+    return app_snapshot(REPO, tmp_path_factory.mktemp("app"))
+
+
+@dataclass
+class Outcomes:
+    """What :func:`scenarios` produced: run directories, and the kill run's round timeout."""
+
+    runs: dict[str, Path]  # FedAvg-LoRA and FedKSeed on the federation
+    sims: dict[str, Path]  # the same configs simulated on the Ray cluster
+    killed: Path  # the run during which SuperNode 2 was SIGKILLed
+    killed_log: str  # its `flwr run --stream` output
+    round_timeout: float
+
+
+def kill_after_round_1(trial: LocalTrial, name: str, out: Path, run: subprocess.Popen, timeout: float) -> None:
+    """SIGKILL SuperNode ``name`` (children and SuperExec loop too) as soon as run directory
+    ``out`` holds round 1's metrics row; fail if the run ends or time runs out first."""
+    deadline = time.monotonic() + timeout
+    metrics = out / "metrics.csv"
+    while not (metrics.is_file() and len(read_csv(metrics)) >= 2):
+        assert run.poll() is None and time.monotonic() < deadline, \
+            f"round 1 did not finish: {trial.log('run-killed')[-3000:]}"
+        time.sleep(0.5)
+    trial.kill(name)
+
+
+@pytest.fixture(scope="module")
+def scenarios(federation: Federation, ray_cluster: RayCluster, app: Path,
+              tmp_path_factory: pytest.TempPathFactory) -> Outcomes:
+    """Every deployment scenario on the one federation, scheduled so that waiting overlaps work.
+
+    1. FedAvg-LoRA and FedKSeed, both at once, while FedAvg-LoRA is simulated on the cluster;
+    2. then (it takes SuperNode 2 down) a FedAvg-LoRA run whose SuperNode 2 is SIGKILLed
+       after round 1; FedKSeed is simulated while its round 2 waits for the vanished node.
+
+    The kill run's ``federation.round_timeout`` adapts to this machine: 1.5 x the slowest
+    round 2 of phase 1 (3 clients, two runs and a simulation at once; here 2 clients, one
+    run and a simulation), at least 25 s.  Round 2 may also end earlier: the SuperLink
+    declares a node gone after 2 x 30 s without a heartbeat.
+    """
+    trial, out = federation.trial, tmp_path_factory.mktemp("scenarios")
+    runs = {name: out / f"deploy-{name}" for name in METHODS}
+    sims = {name: out / f"sim-{name}" for name in METHODS}
+
+    def simulate_on_cluster(name: str) -> None:
+        cfg = compose(f"{BASE} {METHODS[name]} runtime.ray_address={ray_cluster.address} runtime.device=cpu")
+        simulate(cfg, sims[name])
+
+    for name, extra in METHODS.items():
+        trial.start_run(f"{BASE} {extra}", runs[name], app_dir=app, name=f"run-{name}")
+    simulate_on_cluster("fedavg_lora")
+    for name in METHODS:
+        wait_for(trial.procs[f"run-{name}"], RUN_TIMEOUT)
+
+    # round 1 also holds the roll-call: round 2 is one message round trip, as the survivors' is
+    slowest = max([float(r["round_seconds"]) for run in runs.values() if (run / "metrics.csv").is_file()
+                   for r in read_csv(run / "metrics.csv")[2:]], default=RUN_TIMEOUT / 4)
+    round_timeout = min(max(25.0, 1.5 * slowest), 90.0)
+    killed = out / "deploy-killed"
+    run = trial.start_run(f"{BASE} federation.min_clients=2 federation.round_timeout={round_timeout:.0f}", killed,
+                          app_dir=app, name="run-killed")
+    kill_after_round_1(trial, "supernode2", killed, run, RUN_TIMEOUT)  # partition 2 vanishes without notice
+    simulate_on_cluster("fedkseed")  # while round 2 waits for the vanished node
+    wait_for(run, RUN_TIMEOUT)
+    return Outcomes(runs, sims, killed, trial.log("run-killed"), round_timeout)
+
+
+# ------------------------------------------------------------------------------------------- tests
+@pytest.mark.deploy
+def test_unregistered_supernode_is_refused(federation: Federation) -> None:
+    trial = federation.trial
+    assert trial.creds is not None and not trial.insecure  # secure unless asked otherwise
+    config = (trial.flwr_home / "config.toml").read_text()
+    assert "root-certificates" in config and "insecure" not in config
+    assert wait_for(federation.intruder, 60) != 0
+    assert "Failed to activate SuperNode" in trial.log("intruder")
+    assert "No SuperNode found with the given public key" in trial.log("superlink")
+    assert len(trial.online_nodes()) == 3  # the registered ones, not the intruder
+
+
+@pytest.mark.deploy
+def test_deployment_runs_the_same_app_with_the_same_bytes(federation: Federation, scenarios: Outcomes) -> None:
+    """FedAvg-LoRA and a seed-based method over TLS + authentication: every message carries
+    exactly the payload it carries in simulation."""
+    for name, out in scenarios.runs.items():
+        check_completed(out, federation.trial.log(f"run-{name}"))
+        rows = read_csv(out / "metrics.csv")
+        assert [r["num_replies"] for r in rows[1:]] == ["3", "3"], name
+        assert [r["num_failures"] for r in rows[1:]] == ["0", "0"], name
+        assert payloads(out) == payloads(scenarios.sims[name]), name
+    # FedAvg-LoRA's payload per client-round is the trainable state, 4 bytes a scalar
+    expected = sum(v.numel() * v.element_size()
+                   for v in Workspace(compose(f"{BASE} strategy=fedavg_lora")).initial_arrays().values())
+    summary = json.loads((scenarios.runs["fedavg_lora"] / "summary.json").read_text())
+    assert summary["payload_up_per_client_round"] == expected
+
+
+@pytest.mark.deploy
+def test_simulation_on_a_ray_cluster(scenarios: Outcomes) -> None:
+    """The reference simulations ran attached by address to a local Ray head + one more Ray node."""
+    for sim in scenarios.sims.values():
+        summary = json.loads((sim / "summary.json").read_text())
+        assert summary["status"] == "completed"
+        assert summary["ray_cluster"]["nodes"] == 2 and summary["ray_cluster"]["cpus"] == 2.0
+        assert summary["ray_cluster"]["client_actors"] == 2
+
+
+@pytest.mark.deploy
+def test_supernode_killed_mid_run(scenarios: Outcomes) -> None:
+    """SuperNode 2 (and its SuperExec) SIGKILLed once round 1 was in: round 2 completes with
+    the 2 others (min_clients=2), and the run names the failed client."""
+    summary = check_completed(scenarios.killed, scenarios.killed_log)
+    rows = read_csv(scenarios.killed / "metrics.csv")
+    assert rows[1]["num_replies"] == "3" and rows[1]["num_failures"] == "0"
+    assert rows[2]["num_replies"] == "2" and rows[2]["num_failures"] == "1", scenarios.round_timeout
+    assert rows[2]["failed_clients"] == "2"
+    assert summary["client_failures"] == 1
+    assert [(f["round"], f["client"]) for f in summary["failures"]] == [(2, 2)]
+    assert "1 failed (client 2)" in scenarios.killed_log
 
 
 def test_trial_credentials_and_local_data(tmp_path: Path) -> None:
@@ -233,3 +323,27 @@ def test_trial_credentials_and_local_data(tmp_path: Path) -> None:
     assert type(workspace_for(cfg, named)) is Workspace
     with pytest.raises(ValueError, match="data-path"):
         workspace_for(compose("model=tiny dataset=bbc_news"), context)
+
+
+def test_warm_superexec_starts_tasks_as_flower_does(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """The warm SuperExec's children get the arguments Flower's own SuperExec would give
+    ``flwr-clientapp``/``flwr-serverapp``, and its targets file round-trips (fast, no processes)."""
+    from flwr.supercore.constant import TaskType
+    from flwr.supercore.superexec.executor import ExecutionSpec, SubprocessExecutor
+
+    from fedtune.runtime import warm_superexec
+
+    started: list[list[str]] = []
+    monkeypatch.setattr(subprocess, "Popen", lambda args, **kw: started.append(list(args)))
+    for task_type, insecure, ca in ((TaskType.CLIENT_APP, True, None), (TaskType.SERVER_APP, False, "/ca.crt")):
+        spec = ExecutionSpec(task_type=task_type, runtime_api_address="127.0.0.1:9094", token="t0k", insecure=insecure,
+                             root_certificates_path=ca, runtime_dependency_install=False, parent_pid=42,
+                             suppress_output=False, task_id=7)
+        SubprocessExecutor().launch(spec)
+        assert started[-1][1:] == warm_superexec.task_arguments(spec)
+        assert started[-1][0] in warm_superexec.entry_points()
+    targets = [warm_superexec.Target("supernode0", "127.0.0.1:9094", None, 42),
+               warm_superexec.Target("superlink", "127.0.0.1:9093", "/ca.crt", 41)]
+    (tmp_path / "t.json").write_text(json.dumps([t.__dict__ for t in targets]))
+    assert warm_superexec.read_targets(tmp_path / "t.json") == targets
+    assert warm_superexec.is_running(os.getpid()) and not warm_superexec.is_running(2**22 + 1)

@@ -1,8 +1,8 @@
 """Every registered method runs end to end in a real Ray simulation on the tiny model.
 
 One table row per method (peft's ``TEST_CASES`` style); each run must complete with all
-clients replying, its global eval loss must fall, and its payload bytes must match the
-method's formula as measured by the ledger.
+clients replying, its global eval loss must fall, its uplink payload must be metered,
+and (peft-format methods) its exported ``adapter/`` must reload to the final accuracy.
 """
 
 import csv
@@ -12,7 +12,10 @@ from pathlib import Path
 import pytest
 
 from fedtune.config import compose
-from fedtune.registry import METHODS
+from fedtune.evaluation import evaluate
+from fedtune.models.export import load_exported
+from fedtune.registry import METHODS, MODELS
+from fedtune.runtime.workspace import Workspace
 from fedtune.runtime.simulation import simulate
 
 pytestmark = pytest.mark.simulation
@@ -33,6 +36,10 @@ CASES = {
 }
 
 
+# methods whose ``adapter/`` is peft format (FedEx-LoRA, FLoRA add ``base_delta.safetensors``)
+PEFT_EXPORTS = {"fedavg_lora", "lora_fair", "ffa_lora", "fedex_lora", "flora"}
+
+
 def test_every_registered_method_has_a_case() -> None:
     assert sorted(CASES) == METHODS.names()
 
@@ -48,4 +55,11 @@ def test_method_runs_end_to_end_and_learns(name: str, tmp_path: Path) -> None:
     with open(tmp_path / "ledger.csv", newline="") as fh:
         train_up = [r for r in csv.DictReader(fh) if r["kind"] == "train" and r["direction"] == "up"]
     assert len(train_up) == 9 and all(int(r["payload_bytes"]) > 0 for r in train_up)
-    assert json.loads((tmp_path / "summary.json").read_text())["strategy"] == name
+    summary_file = json.loads((tmp_path / "summary.json").read_text())
+    assert summary_file["strategy"] == name
+    if name in PEFT_EXPORTS:  # the exported adapter (+ merged base delta) is the evaluated model
+        cfg = compose([*BASE, f"strategy={name}", *CASES[name]])
+        ws = Workspace(cfg)
+        model = load_exported(MODELS.get("tiny").build(cfg.model, ws.data.num_labels, cfg.seed), tmp_path / "adapter")
+        _, acc = evaluate(model, ws.encoded("test"), 64, ws.device)
+        assert acc == pytest.approx(summary_file["final_accuracy"], abs=5e-7)

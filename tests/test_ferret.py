@@ -8,6 +8,7 @@ from flwr.app import ArrayRecord, RecordDict
 
 from fedtune.comm.ledger import payload_bytes
 from fedtune.config import compose
+from fedtune.directions import cached_banks, clear_banks
 from fedtune.flower.strategy import ClientUpdate
 from fedtune.models.state import trainable_state
 from fedtune.randomness import draw_directions, seed_pool
@@ -138,3 +139,27 @@ def test_inconsistent_sparse_uploads_are_left_out() -> None:
                                "indices": torch.zeros(8, dtype=torch.int16), "values": torch.ones(8)}, {})]
     assert torch.equal(flatten(server.aggregate(1, bad))[2], before)
     assert int((server.coefficients != 0).sum()) == 0
+
+
+def test_bank_of_bases_gives_the_same_coordinates_and_model() -> None:
+    clear_banks()
+    results = []
+    for cache_mb in (0.0, 1024.0):
+        server = Ferret(num_clients=2, clients_per_round=2, seed=0, num_seeds=16, clip=1e-2,
+                        direction_cache_mb=cache_mb)
+        server.initialize({f"p{i}": _delta(10 + i, n) for i, n in enumerate([40, 30, 30, 8])})
+        assert server.bases().banked == (cache_mb > 0)
+        ups = []
+        for pid in (0, 1):
+            counts, idx, vals = project(_delta(pid, 108), server.blocks, server.bases(), 16, "unbiased",
+                                        torch.Generator().manual_seed(pid))
+            ups.append(ClientUpdate(pid, 1 + pid, encode_upload(counts, idx, vals, 16), {}))
+        server.aggregate(1, ups)
+        results.append((ups, server.coefficients, server.replica.theta))
+    (ups0, c0, theta0), (ups1, c1, theta1) = results
+    for u0, u1 in zip(ups0, ups1):  # bank rows are the streamed bases bit for bit
+        assert all(torch.equal(u0.arrays[k], u1.arrays[k]) for k in u0.arrays)
+    assert torch.equal(c0, c1)  # clipping norms from the same rows
+    torch.testing.assert_close(theta1, theta0, rtol=0, atol=1e-6 * float(theta0.abs().max()))
+    assert len(cached_banks()) == 1
+    clear_banks()

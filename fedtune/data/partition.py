@@ -23,6 +23,9 @@ def partition_indices(labels: list[int], cfg: PartitionConfig, num_clients: int,
             f"{max(cfg.min_partition_size, 1)} exceeds the {n} training examples"
         )
     data = Dataset.from_dict({"idx": list(range(n)), "label": list(labels)})
+    columns = [c for c in data.column_names if c != "idx"]
+    if cfg.kind != "iid" and cfg.by not in columns:
+        raise ConfigError(f"partition.by: unknown column {cfg.by!r}; accepted: {', '.join(columns)}")
     part_seed = derive_seed(seed, "partition") % (2**32)
     if cfg.kind == "iid":
         data = data.shuffle(seed=part_seed)

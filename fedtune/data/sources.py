@@ -8,6 +8,8 @@
 ``csv``              your own file, CSV (header row) or JSON Lines (``.jsonl``): fields
                      ``text`` and ``label`` (an optional ``split`` field with
                      ``train``/``test`` fixes the split).
+``bbc_instruct``     BBC News topics as chat instructions for a causal LM, one category
+                     held out (:mod:`fedtune.data.instruct`).
 
 None ships a test split, so a seeded stratified split (``test_fraction``,
 ``split_seed``) makes the central held-out set; it is the same in every process.
@@ -20,7 +22,7 @@ import importlib.util
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 
@@ -64,6 +66,8 @@ class PackagedDatasetConfig:
             raise ValueError(f"test_fraction must be in (0, 1), got {self.test_fraction}")
         if self.max_train_examples < 0:
             raise ValueError(f"max_train_examples must be >= 0, got {self.max_train_examples}")
+        if self.split_seed < 0:
+            raise ValueError(f"split_seed must be >= 0, got {self.split_seed}")
 
 
 @dataclass
@@ -79,8 +83,17 @@ class CSVDatasetConfig(PackagedDatasetConfig):
 
 @dataclass(frozen=True)
 class DatasetSpec:
+    """How to load a registered dataset: ``load(cfg) -> TextDataset``.
+
+    ``encode(tokenizer, data, split, max_length)`` tokenises a split (None: the
+    classification encoding of :func:`fedtune.data.batches.encode`); ``kind`` is
+    ``"classification"`` or ``"instruction"`` (answered in words by a causal LM).
+    """
+
     load: Callable[..., TextDataset]
     config_cls: type
+    encode: Callable[..., Any] | None = None
+    kind: str = "classification"
 
 
 def _package_dir(module: str) -> Path:
@@ -177,3 +190,5 @@ DATASETS.register("bbc_news", DatasetSpec(load_bbc_news, PackagedDatasetConfig))
 DATASETS.register("rotten_tomatoes", DatasetSpec(load_rotten_tomatoes, PackagedDatasetConfig))
 DATASETS.register("tiny", DatasetSpec(load_tiny, CSVDatasetConfig))
 DATASETS.register("csv", DatasetSpec(load_csv, CSVDatasetConfig))
+
+from fedtune.data import instruct  # noqa: E402,F401  (registers "bbc_instruct")

@@ -19,6 +19,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 
 from fedtune.config import RunConfig, compose, from_dict
+from fedtune.flower.faults import with_faults
+from fedtune.privacy.client_level import clip_on_client
 from fedtune.privacy.dp_sgd import with_privacy
 from fedtune.runtime.environment import quiet_libraries
 from fedtune.runtime.workspace import LocalDataWorkspace, Workspace
@@ -103,14 +105,15 @@ def make_client_app(cfg: dict[str, Any] | None = None) -> ClientApp:
         run = getattr(workspace.trainer, action)
         if action == "train":  # DP budget check and ε report (identity when privacy=none)
             run = with_privacy(run, workspace.cfg)
+            run = with_faults(run, workspace.cfg)  # fault injection, outermost (identity when off)
         upload, metrics = run(workspace.model(), arrays, workspace, ctx)
         save_client_state(context, ctx.state)
         return Message(RecordDict({"arrays": ArrayRecord(upload), "metrics": MetricRecord(metrics)}),
                        reply_to=msg)
 
     @app.train()
-    def train(msg: Message, context: Context) -> Message:
-        return serve(msg, context, "train")
+    def train(msg: Message, context: Context) -> Message:  # behind Flower's fixedclipping_mod under client_dp
+        return clip_on_client(resolve(context), msg, context, lambda m, c: serve(m, c, "train"))
 
     @app.train("setup")
     def setup(msg: Message, context: Context) -> Message:

@@ -21,8 +21,9 @@ from flwr.app import ArrayRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
 from fedtune.config import RunConfig, compose
-from fedtune.evaluation import evaluate
+from fedtune.evaluation import evaluate, evaluate_heldout
 from fedtune.privacy.accounting import check_delta
+from fedtune.privacy.client_level import summary_block, with_client_dp
 from fedtune.registry import METHODS
 from fedtune.results.store import RunStore, atomic_write_dir
 from fedtune.runtime.environment import quiet_libraries
@@ -50,10 +51,24 @@ def _epsilon_cell(info: Any) -> str:
     return "" if info is None or math.isnan(info.epsilon) else f"{info.epsilon:.6f}"
 
 
-def privacy_summary(cfg: RunConfig, strategy: Any) -> dict[str, Any]:
-    """The ``privacy`` block of summary.json (none without DP): δ, the final ε, who ran out of budget."""
+def failure_log(strategy: Any) -> list[dict[str, Any]]:
+    """Every failed client of the run, with its reason (summary.json ``failures``)."""
+    return [{"round": r, "client": pid, "reason": reason}
+            for r, info in sorted(strategy.rounds.items()) for pid, reason in sorted(info.failures.items())]
+
+
+def _cell(value: float) -> str:
+    """A metrics.csv cell: 6 decimals, empty for NaN (not measured)."""
+    return "" if math.isnan(value) else f"{value:.6f}"
+
+
+def privacy_summary(cfg: RunConfig, strategy: Any, runner: Any = None) -> dict[str, Any]:
+    """The ``privacy`` block of summary.json (none without DP): δ, the final ε, who ran out of budget
+    (client-level DP: σ, C, which side clips, ε from the released rounds)."""
     if cfg.privacy.name == "none":
         return {}
+    if cfg.privacy.name == "client_dp":
+        return {"privacy": summary_block(cfg, runner)}
     spent = sorted({pid for info in strategy.rounds.values() for pid in info.budget_spent})
     eps = max(strategy.client_epsilon.values(), default=0.0)
     out = {"name": cfg.privacy.name, "delta": cfg.privacy.delta, "final_epsilon": eps,
@@ -101,18 +116,21 @@ def _run_rounds(grid: Grid, cfg: RunConfig, store: RunStore) -> dict[str, Any]:
         due = server_round % cfg.eval.every == 0 or server_round == cfg.num_rounds
         loss, acc = (evaluate(model, test, cfg.eval.batch_size, workspace.device, cfg.eval.max_examples)
                      if due else (math.nan, math.nan))
+        h_loss, h_acc = (evaluate_heldout(model, test, cfg.eval.batch_size, workspace.device, cfg.eval.max_examples)
+                         if due else (math.nan, math.nan))  # NaN unless the dataset holds a category out
         now = time.perf_counter()
         info = strategy.rounds.get(server_round)
         totals = strategy.ledger.round_totals(server_round)
         row = {"round": server_round, "strategy": cfg.strategy.name,
                "sampled_clients": ";".join(map(str, info.sampled)) if info else "",
                "num_replies": len(info.received) if info else 0, "num_failures": len(info.failures) if info else 0,
+               "failed_clients": ";".join(map(str, sorted(info.failures))) if info else "",
                "train_loss": f"{info.train_loss:.6f}" if info else "", "eval_loss": f"{loss:.6f}",
                "eval_accuracy": f"{acc:.6f}", **totals,
                "cumulative_bytes": strategy.ledger.cumulative_bytes(server_round),
                "aggregate_seconds": f"{info.aggregate_seconds:.4f}" if info else "0",
                "round_seconds": f"{now - clock['last']:.3f}", "wall_seconds": f"{now - t_start:.3f}",
-               "epsilon": _epsilon_cell(info)}
+               "epsilon": _epsilon_cell(info), "heldout_loss": _cell(h_loss), "heldout_accuracy": _cell(h_acc)}
         clock["last"] = now
         store.add_round(row)
         first = store.rows[0]["eval_accuracy"]
@@ -129,14 +147,15 @@ def _run_rounds(grid: Grid, cfg: RunConfig, store: RunStore) -> dict[str, Any]:
         return MetricRecord({"eval-loss": loss, "eval-accuracy": acc})
 
     initial = ArrayRecord(workspace.initial_arrays())
-    strategy.start(grid=grid, initial_arrays=initial, num_rounds=cfg.num_rounds, evaluate_fn=evaluate_fn,
-                   timeout=cfg.federation.round_timeout)
+    runner = with_client_dp(strategy, cfg)  # Flower's DP wrapper around it under privacy=client_dp
+    runner.start(grid=grid, initial_arrays=initial, num_rounds=cfg.num_rounds, evaluate_fn=evaluate_fn,
+                 timeout=cfg.federation.round_timeout)
 
     strategy.load_into(model)
-    if hasattr(model, "save_pretrained"):
-        atomic_write_dir(store.dir / "adapter", lambda tmp: model.save_pretrained(str(tmp)))
+    atomic_write_dir(store.dir / "adapter", lambda tmp: strategy.export(model, str(tmp)))
     store.write_ledger(strategy.ledger.rows())
-    up = [r for r in strategy.ledger.records if r.direction == "up" and r.kind == "train"]
+    # client-rounds that delivered a payload (error replies, e.g. a vanished node's, carry none)
+    up = [r for r in strategy.ledger.records if r.direction == "up" and r.kind == "train" and r.payload_bytes > 0]
     rows = store.rows
     accs = [float(r["eval_accuracy"]) for r in rows if not math.isnan(float(r["eval_accuracy"]))]
     return {
@@ -147,8 +166,9 @@ def _run_rounds(grid: Grid, cfg: RunConfig, store: RunStore) -> dict[str, Any]:
         "total_bytes_down": sum(int(r["bytes_down"]) for r in rows),
         "payload_up_per_client_round": (sum(r.payload_bytes for r in up) / len(up)) if up else 0,
         "client_failures": sum(int(r["num_failures"]) for r in rows),
+        "failures": failure_log(strategy),
         "wall_seconds": round(time.perf_counter() - t_start, 3),
-        **privacy_summary(cfg, strategy),
+        **privacy_summary(cfg, strategy, runner),
     }
 
 

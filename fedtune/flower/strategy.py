@@ -21,6 +21,7 @@ Subclasses implement :meth:`aggregate` (pure tensor maths) and may override
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -131,6 +132,13 @@ class FedtuneStrategy(Strategy):
         """Keys and shapes a client's upload must have (default: those of the global state)."""
         return {k: tuple(v.shape) for k, v in self.global_arrays.items()}
 
+    def expected_dtypes(self, partition_id: int) -> dict[str, torch.dtype]:
+        """Exact dtypes of the upload's keys (default: the global state's, for the keys it
+        shares with :meth:`expected_upload`); any other key must be fp32 or an integer index
+        dtype (:func:`~fedtune.models.state.check_arrays`)."""
+        expected = self.expected_upload(partition_id)
+        return {k: v.dtype for k, v in self.global_arrays.items() if k in expected}
+
     def aggregate(self, server_round: int, updates: list[ClientUpdate]) -> Arrays:
         """Combine the (sorted, validated) client updates into the new global state."""
         raise NotImplementedError
@@ -143,6 +151,16 @@ class FedtuneStrategy(Strategy):
         trainable tensors override this.
         """
         load_trainable_state(model, self.global_arrays)
+
+    def export(self, model: torch.nn.Module, path: str) -> None:
+        """Write the final model (already :meth:`load_into`-ed) to the directory ``path``.
+
+        Default: ``model.save_pretrained`` (a peft adapter for the LoRA methods).  Methods
+        whose global model is more than the adapter add their extra state next to it, so
+        :func:`fedtune.models.export.load_exported` rebuilds exactly the evaluated model.
+        """
+        if hasattr(model, "save_pretrained"):
+            model.save_pretrained(str(path))
 
     # ------------------------------------------------------------------ Flower API
     def summary(self) -> None:
@@ -259,27 +277,50 @@ class FedtuneStrategy(Strategy):
 
     def _decode(self, replies: Iterable[Message], info: RoundInfo,
                 unattributed: list[str] | None = None) -> Iterable[ClientUpdate]:
+        """Valid updates; every other reply is recorded in ``info.failures`` with its reason.
+
+        Whatever a client sends (missing records, wrong record types, wrong keys, shapes or
+        dtypes, NaN/Inf, a bad ``num-examples``) rejects that reply only, never the round.
+        """
         for reply in replies:
             pid = self._partition(reply.metadata.src_node_id)
             if reply.has_error() and pid < 0 and unattributed is not None:  # from the SuperLink, not a node
-                unattributed.append(reply.error.reason.strip().splitlines()[-1][:200])
+                unattributed.append(_last_line(reply.error.reason))
                 continue
             if reply.has_error():
-                info.failures[pid] = reply.error.reason.strip().splitlines()[-1][:200]
+                info.failures[pid] = _last_line(reply.error.reason)
                 log(WARNING, "client %d failed: %s", pid, info.failures[pid])
                 continue
-            if self._budget_spent(pid, reply, info):
-                continue
             try:
+                if self._budget_spent(pid, reply, info):
+                    continue
                 content = reply.content
                 arrays = content["arrays"].to_torch_state_dict() if "arrays" in content else {}
-                check_arrays(arrays, self.expected_upload(pid))
+                check_arrays(arrays, self.expected_upload(pid), self.expected_dtypes(pid))
                 metrics = dict(content["metrics"])
-                num_examples = int(metrics["num-examples"])
-                if num_examples < 1:
-                    raise PayloadError(f"num-examples must be >= 1, got {num_examples}")
-            except (PayloadError, KeyError, TypeError, ValueError) as exc:
+                num_examples = _num_examples(metrics["num-examples"])
+                scalars = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
+            except (PayloadError, KeyError, TypeError, ValueError, AttributeError, OverflowError) as exc:
                 info.failures[pid] = f"rejected payload: {exc}"
                 log(WARNING, "client %d: %s", pid, info.failures[pid])
                 continue
-            yield ClientUpdate(pid, num_examples, arrays, {k: float(v) for k, v in metrics.items()})
+            yield ClientUpdate(pid, num_examples, arrays, scalars)
+
+
+def _last_line(reason: str) -> str:
+    """The informative end of an error reply's reason: Flower's simulation writes
+    ``<class ...>:<'traceback ... Exception ClientAppException occurred. Message: why'>``."""
+    lines = [line.strip() for line in str(reason).strip().splitlines() if line.strip()]
+    if not lines:
+        return "error reply without a reason"
+    line = lines[-1].removesuffix("'>")
+    line = re.sub(r"^Exception (\w+) occurred\. Message: ", r"\1: ", line)
+    return line[:200]
+
+
+def _num_examples(value: object) -> int:
+    """A client's ``num-examples`` as a positive int; :class:`PayloadError` otherwise."""
+    number = float(value)  # type: ignore[arg-type]  # a list or a string raises TypeError/ValueError
+    if not (number >= 1 and number.is_integer()):
+        raise PayloadError(f"num-examples must be an integer >= 1, got {value!r}")
+    return int(number)

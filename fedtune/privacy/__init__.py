@@ -1,4 +1,4 @@
-"""Differential privacy for fedtune clients (``privacy=dp_sgd``).
+"""Differential privacy for fedtune (``privacy=dp_sgd``, ``privacy=client_dp``).
 
 * :mod:`fedtune.privacy.accounting`: the per-client accountant history kept in Flower's
   ``Context.state``, ε from it, σ calibration to a target ε, config checks that need
@@ -6,4 +6,7 @@
 * :mod:`fedtune.privacy.dp_sgd`: the Opacus DP-SGD loop that replaces the shared
   first-order loop (:func:`clients.local_steps.run_local_steps`) and the wrapper
   around a trainer's ``train`` that enforces the budget and reports ε.
+* :mod:`fedtune.privacy.client_level`: client-level DP, the method's strategy inside
+  Flower's fixed-clipping DP wrappers (server- or client-side clipping), for the methods
+  whose aggregate is a uniform mean of the upload.
 """

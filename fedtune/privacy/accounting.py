@@ -35,8 +35,14 @@ UNSUPPORTED = {
 
 
 def check_supported(cfg: Any) -> None:
-    """Refuse ``privacy=dp_sgd`` with a method whose client is not first-order."""
+    """Refuse ``privacy=dp_sgd`` with a method whose client is not first-order (and
+    ``privacy=client_dp`` where :func:`fedtune.privacy.client_level.check_supported` says so)."""
     if cfg.privacy.name == "none":
+        return
+    if cfg.privacy.name == "client_dp":
+        from fedtune.privacy.client_level import check_supported as check_client_level
+
+        check_client_level(cfg)
         return
     from fedtune.registry import METHODS
 
@@ -51,7 +57,7 @@ def check_delta(cfg: Any, partition_sizes: list[int]) -> None:
 
     A δ of 1/n or more allows a mechanism that publishes one example outright.
     """
-    if cfg.privacy.name == "none" or not partition_sizes:
+    if cfg.privacy.name != "dp_sgd" or not partition_sizes:  # client_dp: δ < 1/num_clients, checked at config time
         return
     n = max(partition_sizes)
     if not cfg.privacy.delta < 1.0 / n:

@@ -152,8 +152,8 @@ def run_private_steps(model: torch.nn.Module, workspace: Any, ctx: Any,
 
 
 def with_privacy(train: Train, cfg: Any) -> Train:
-    """``train`` itself when ``privacy=none``; else the budget-checked, ε-reporting wrapper."""
-    if cfg.privacy.name == "none":
+    """``train`` itself unless ``privacy=dp_sgd``; else the budget-checked, ε-reporting wrapper."""
+    if cfg.privacy.name != "dp_sgd":
         return train
     pc = cfg.privacy
 

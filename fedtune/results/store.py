@@ -4,6 +4,7 @@ Layout of a run directory::
 
     config.yaml      the resolved config (what ran)
     metrics.csv      one row per round (METRIC_COLUMNS), rewritten atomically each round
+                     (failed_clients: the partition ids that failed; why: summary.json failures)
     ledger.csv       one row per message: round, partition, direction, kind, wire/payload bytes
     summary.json     written last: status, final and initial accuracy, totals, versions
     adapter/         the final trainable state in peft format (PeftModel.from_pretrained)
@@ -23,9 +24,9 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 METRIC_COLUMNS = [
-    "round", "strategy", "sampled_clients", "num_replies", "num_failures", "train_loss", "eval_loss",
+    "round", "strategy", "sampled_clients", "num_replies", "num_failures", "failed_clients", "train_loss", "eval_loss",
     "eval_accuracy", "bytes_up", "bytes_down", "payload_up", "payload_down", "cumulative_bytes",
-    "aggregate_seconds", "round_seconds", "wall_seconds", "epsilon",
+    "aggregate_seconds", "round_seconds", "wall_seconds", "epsilon", "heldout_loss", "heldout_accuracy",
 ]
 TIMING_COLUMNS = ("aggregate_seconds", "round_seconds", "wall_seconds")
 

@@ -14,6 +14,10 @@ one machine exercises exactly what participants run on theirs:
   own runtime-API port, here ``port + 1 + i``.
 * a federation entry in ``$FLWR_HOME/config.toml`` (1.41 keeps connections there, not
   in ``pyproject.toml``), so ``flwr run . <federation>`` reaches this SuperLink.
+* ``warm=True``: the SuperLink and SuperNodes run with ``--isolation process`` and one
+  :mod:`fedtune.runtime.warm_superexec` serves them all, forking each app process from
+  a parent that imported torch once (Flower's own SuperExec starts a fresh interpreter
+  per message: ~10 CPU s of imports for ~3 s of work on the tiny model).
 
 Secure by default: TLS plus SuperNode authentication with trial credentials from
 :mod:`fedtune.runtime.credentials`; every node's public key is registered with
@@ -30,6 +34,7 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -100,17 +105,24 @@ def tail(log_file: Path, lines: int = 5) -> str:
 
 def stop_process(pid: int, timeout: float = 10.0) -> None:
     """SIGTERM ``pid`` and the children it spawned, SIGKILL what is left after ``timeout``."""
-    try:
-        proc = psutil.Process(pid)
-        family = [proc, *proc.children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return
-    for p in family:
+    stop_processes([pid], timeout)
+
+
+def stop_processes(pids: list[int], timeout: float = 10.0) -> None:
+    """:func:`stop_process` for several processes at once: one shared wait, not one per process."""
+    family: dict[int, psutil.Process] = {}
+    for pid in pids:
+        try:
+            root = psutil.Process(pid)
+            family.update((p.pid, p) for p in [root, *root.children(recursive=True)])
+        except psutil.NoSuchProcess:
+            continue
+    for p in family.values():
         try:
             p.send_signal(signal.SIGTERM)
         except psutil.NoSuchProcess:
             pass
-    _, alive = psutil.wait_procs(family, timeout=timeout)
+    _, alive = psutil.wait_procs(list(family.values()), timeout=timeout)
     for p in alive:
         try:
             p.kill()
@@ -129,10 +141,14 @@ class LocalTrial:
     port : the SuperLink's port; SuperNode ``i`` uses ``port + 1 + i`` for its runtime API.
     insecure : plain HTTP and no SuperNode authentication (warns).
     data_paths : optional per-node local files (``data-path`` node config).
+    warm : run the SuperLink and SuperNodes with ``--isolation process`` and serve them all
+        from one :mod:`fedtune.runtime.warm_superexec` (process ``superexec``): apps start
+        by forking a preloaded process instead of importing torch for every message.
+        ``False``: each gets Flower's own SuperExec.
     """
 
     def __init__(self, workdir: str | Path, num_nodes: int = 3, port: int = 39500, insecure: bool = False,
-                 data_paths: list[str] | None = None, federation: str = FEDERATION) -> None:
+                 data_paths: list[str] | None = None, federation: str = FEDERATION, warm: bool = False) -> None:
         if num_nodes < 1:
             raise ValueError(f"num_nodes must be >= 1, got {num_nodes}")
         if not 1024 <= port <= 65535 - num_nodes - 8:
@@ -141,12 +157,14 @@ class LocalTrial:
             raise ValueError(f"data_paths: {len(data_paths)} paths for {num_nodes} nodes")
         self.dir = Path(workdir).resolve()
         self.num_nodes, self.port, self.insecure = num_nodes, port, insecure
-        self.data_paths, self.federation = data_paths, federation
+        self.data_paths, self.federation, self.warm = data_paths, federation, warm
         self.flwr_home = self.dir / "flwr-home"
         self.env = flower_env(self.flwr_home)
         self.creds: TrialCredentials | None = None
         self.procs: dict[str, subprocess.Popen] = {}
         self._extra_ports = 0
+        self._runtime_apis: dict[str, str] = {}
+        self._targets_written = False
 
     @property
     def address(self) -> str:
@@ -185,29 +203,44 @@ class LocalTrial:
         else:
             link += ["--ssl-ca-certfile", str(self.creds.ca_cert), "--ssl-certfile", str(self.creds.server_cert),
                      "--ssl-keyfile", str(self.creds.server_key), "--enable-supernode-auth"]
+        if self.warm:
+            link += ["--isolation", "process"]
+            self._start_superexec()  # it preloads while the rest starts, then reads its targets
         proc = self._spawn("superlink", link)
         wait_for_port(self.port, proc, self.dir / "logs" / "superlink.log", timeout)
         write_federation(self.flwr_home, self.federation, self.address,
                          None if self.creds is None else self.creds.ca_cert)
+        if self.creds is not None:
+            self.register(list(self.creds.node_keys), timeout)
         for i in range(self.num_nodes):
-            key = None
-            if self.creds is not None:
-                key = self.creds.node_keys[i]
-                self.register(key, timeout)
-            self.start_supernode(i, key)
+            self.start_supernode(i, None if self.creds is None else self.creds.node_keys[i])
+        if self.warm:
+            self._write_superexec_targets()
         return self
 
-    def register(self, key: NodeKey, timeout: float = 60.0) -> None:
-        """``flwr supernode register <key.pub>``: allow the holder of ``key`` to join."""
-        cmd = ["flwr", "supernode", "register", str(key.public_key), self.federation]
-        done = subprocess.run(cmd, env=self.env, capture_output=True, text=True, timeout=timeout)
-        if done.returncode != 0 or "registered" not in done.stdout:
-            raise RuntimeError(f"flwr supernode register {key.public_key.name} failed: "
-                               f"{(done.stdout + done.stderr).strip()[-500:]}")
+    def register(self, keys: NodeKey | list[NodeKey], timeout: float = 60.0) -> None:
+        """``flwr supernode register <key.pub>`` for each key (all at once): allow their holders to join."""
+        keys = [keys] if isinstance(keys, NodeKey) else keys
+        calls = [(key, subprocess.Popen(["flwr", "supernode", "register", str(key.public_key), self.federation],
+                                        env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+                 for key in keys]
+        for key, call in calls:
+            try:
+                out, _ = call.communicate(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                call.kill()
+                out, _ = call.communicate()
+            if call.returncode != 0 or "registered" not in out:
+                raise RuntimeError(f"flwr supernode register {key.public_key.name} failed: {out.strip()[-500:]}")
 
     def start_supernode(self, i: int, key: NodeKey | None, name: str | None = None,
                         extra: list[str] = ()) -> subprocess.Popen:
-        """Start SuperNode ``i`` (partition ``i``), authenticating with ``key`` when given."""
+        """Start SuperNode ``i`` (partition ``i``), authenticating with ``key`` when given.
+
+        In a warm trial the nodes started by :meth:`start` are served by the warm SuperExec;
+        a node started later gets Flower's own (unless ``extra`` says otherwise).
+        """
+        warm = self.warm and not self._targets_written
         name = name or f"supernode{i}"
         config = f"partition-id={i} num-partitions={self.num_nodes}"
         if self.data_paths is not None:
@@ -217,16 +250,46 @@ class LocalTrial:
                "--port", str(runtime_port), "--node-config", config, *extra]
         if key is not None:
             cmd += ["--auth-supernode-private-key", str(key.private_key)]
+        if warm:
+            cmd += ["--isolation", "process"]
+            self._runtime_apis[name] = f"{HOST}:{runtime_port}"
         return self._spawn(name, cmd)
+
+    def _start_superexec(self) -> subprocess.Popen:
+        """One :mod:`fedtune.runtime.warm_superexec` (process ``superexec``) that will serve the
+        SuperLink's and every warm SuperNode's Runtime API from one preload (its targets file is
+        written once they run: :meth:`_write_superexec_targets`); each loop ends with its node."""
+        targets = self.dir / "superexec-targets.json"
+        targets.unlink(missing_ok=True)
+        return self._spawn("superexec", [sys.executable, "-m", "fedtune.runtime.warm_superexec", "--targets",
+                                         str(targets), "--pids-file", str(self.dir / "superexec-pids.json")])
+
+    def _write_superexec_targets(self) -> None:
+        ca = None if self.creds is None else str(self.creds.ca_cert)
+        targets = [{"name": "superlink", "runtime_api_address": self.address, "root_certificates": ca,
+                    "parent_pid": self.procs["superlink"].pid}]
+        targets += [{"name": name, "runtime_api_address": address, "root_certificates": None,  # plain HTTP
+                     "parent_pid": self.procs[name].pid} for name, address in self._runtime_apis.items()]
+        path = self.dir / "superexec-targets.json"
+        path.with_suffix(".tmp").write_text(json.dumps(targets, indent=1))
+        os.replace(path.with_suffix(".tmp"), path)
+        self._targets_written = True
+
+    def superexec_loop(self, name: str) -> int | None:
+        """PID of the warm SuperExec loop serving process ``name`` (None: not warm, or not up yet)."""
+        path = self.dir / "superexec-pids.json"
+        return json.loads(path.read_text()).get(name) if path.is_file() else None
 
     def _next_extra_port(self) -> int:
         self._extra_ports += 1
         return self.port + self.num_nodes + self._extra_ports
 
-    def start_intruder(self, name: str = "intruder") -> subprocess.Popen:
-        """A SuperNode whose (valid, but unregistered) key must be refused; it gives up after ~10 s."""
+    def start_intruder(self, name: str = "intruder", max_wait: float = 10.0) -> subprocess.Popen:
+        """A SuperNode whose (valid, but unregistered) key must be refused; it gives up after
+        ``max_wait`` seconds.  It never runs an app, so it gets no SuperExec."""
         key = make_node_key(self.dir / "credentials", name)
-        return self.start_supernode(0, key, name=name, extra=["--max-retries", "2", "--max-wait-time", "10"])
+        extra = ["--max-retries", "2", "--max-wait-time", f"{max_wait:g}", "--isolation", "process"]
+        return self.start_supernode(0, key, name=name, extra=extra)
 
     def online_nodes(self, timeout: float = 30.0) -> list[dict[str, Any]]:
         """``flwr supernode list --format json``: the nodes the SuperLink knows, with their status."""
@@ -239,31 +302,71 @@ class LocalTrial:
         return [n for n in nodes if str(n.get("status", "")).lower() == "online"]
 
     def wait_for_nodes(self, count: int, timeout: float = 60.0) -> None:
-        """Bounded wait until ``count`` SuperNodes are online."""
+        """Bounded wait until ``count`` SuperNodes are online.
+
+        The logs are watched first (a node logs its ID once the SuperLink accepted it), so
+        that ``flwr supernode list``, a CLI start each time, runs only to confirm.
+        """
         deadline = time.monotonic() + timeout
+        nodes = [n for n in self.procs if n.startswith("supernode")]
+        while sum("SuperNode ID:" in self.log(n) for n in nodes) < count:
+            for name in nodes:
+                if self.procs[name].poll() is not None:
+                    raise RuntimeError(f"{name} exited with code {self.procs[name].returncode}: "
+                                       f"{tail(self.dir / 'logs' / f'{name}.log')}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"fewer than {count} SuperNodes accepted after {timeout:.0f} s")
+            time.sleep(0.2)
         while len(self.online_nodes()) < count:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"fewer than {count} SuperNodes online after {timeout:.0f} s")
             time.sleep(1.0)
 
+    def run_command(self, overrides: str, output_dir: str | Path, app_dir: str | Path = ".") -> list[str]:
+        """``flwr run <app_dir> <federation> --stream`` with the given Hydra overrides."""
+        run_config = f"overrides={json.dumps(overrides)} output-dir={json.dumps(str(Path(output_dir).resolve()))}"
+        return ["flwr", "run", str(Path(app_dir).resolve()), self.federation, "--stream", "--run-config", run_config]
+
     def run(self, overrides: str, output_dir: str | Path, app_dir: str | Path = ".",
             timeout: float = 600.0) -> subprocess.CompletedProcess:
-        """``flwr run <app_dir> <federation> --stream`` with the given Hydra overrides.
+        """Run the app on this federation and wait (bounded) for ``flwr run`` to return.
 
         ``flwr run`` exits 0 even when the ServerApp fails: read ``summary.json``'s status.
         """
-        run_config = f"overrides={json.dumps(overrides)} output-dir={json.dumps(str(Path(output_dir).resolve()))}"
-        cmd = ["flwr", "run", str(Path(app_dir).resolve()), self.federation, "--stream", "--run-config", run_config]
+        cmd = self.run_command(overrides, output_dir, app_dir)
         return subprocess.run(cmd, env=self.env, cwd=self.dir, capture_output=True, text=True, timeout=timeout)
 
+    def start_run(self, overrides: str, output_dir: str | Path, app_dir: str | Path = ".",
+                  name: str = "run") -> subprocess.Popen:
+        """Like :meth:`run`, without waiting: ``flwr run`` becomes process ``name`` of this trial
+        (stdout and stderr in ``logs/<name>.log``; stopped by :meth:`stop` if still running)."""
+        return self._spawn(name, self.run_command(overrides, output_dir, app_dir))
+
+    def log(self, name: str) -> str:
+        """The output of process ``name`` so far."""
+        path = self.dir / "logs" / f"{name}.log"
+        return path.read_text(errors="replace") if path.is_file() else ""
+
     def kill(self, name: str) -> None:
-        """SIGKILL one process (and its children): a participant vanishing without notice."""
-        proc = self.procs[name]
-        family = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+        """SIGKILL one process, its children and its warm SuperExec loop: a participant
+        vanishing without notice."""
+        roots = [self.procs[name].pid]
+        if (loop := self.superexec_loop(name)) is not None:
+            roots.append(loop)
+        family: list[psutil.Process] = []
+        for pid in roots:
+            try:
+                root = psutil.Process(pid)
+                family += [root, *root.children(recursive=True)]
+            except psutil.NoSuchProcess:
+                pass
         for p in family:
-            p.kill()
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
         psutil.wait_procs(family, timeout=10)
-        proc.wait(timeout=10)
+        self.procs[name].wait(timeout=10)
 
     def stop(self, timeout: float = 10.0) -> None:
         """Stop every process this trial started (SuperNodes first), by PID, bounded."""
@@ -279,6 +382,28 @@ class LocalTrial:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def app_snapshot(app_dir: str | Path, dest: str | Path) -> Path:
+    """Copy what the app's FAB carries (``pyproject.toml`` and its ``fab-include`` files) to ``dest``.
+
+    ``flwr run <dir>`` walks *every* file under ``<dir>`` before filtering (Flower 1.41's
+    ``collect_files``), a virtual environment included: ~7 CPU s per run for a repository
+    with ``.venv/`` inside.  Running from a snapshot builds the same bundle in a fraction.
+    """
+    src, out = Path(app_dir).resolve(), Path(dest).resolve()
+    project = tomllib.loads((src / "pyproject.toml").read_text())
+    patterns = project.get("tool", {}).get("flwr", {}).get("app", {}).get("fab-include")
+    if not patterns:
+        raise ValueError(f"{src / 'pyproject.toml'}: no [tool.flwr.app] fab-include to snapshot")
+    files = {src / "pyproject.toml", *(p for p in [src / ".gitignore"] if p.is_file())}
+    for pattern in patterns:
+        files.update(p for p in src.glob(pattern) if p.is_file() and "__pycache__" not in p.parts)
+    for path in files:
+        target = out / path.relative_to(src)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(path, target)
+    return out
 
 
 def shell_commands(trial: LocalTrial) -> str:

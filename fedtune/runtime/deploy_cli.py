@@ -1,6 +1,6 @@
 """``fedtune deploy``: a local deployment trial from the shell.
 
-    fedtune deploy start --dir trial/ [--nodes 3] [--port 39500] [--insecure] [--data-path F ...]
+    fedtune deploy start --dir trial/ [--nodes 3] [--port 39500] [--insecure] [--warm] [--data-path F ...]
     fedtune deploy stop --dir trial/
     fedtune deploy certs --dir creds/ [--nodes 3] [--host superlink.example.org ...]
 
@@ -23,12 +23,12 @@ import psutil
 from fedtune.runtime.credentials import DEFAULT_HOSTS, make_trial_credentials
 from fedtune.runtime.deploy import FEDERATION, LocalTrial, stop_process
 
-FLOWER_BINARIES = ("flower-superlink", "flower-supernode")
+TRIAL_COMMANDS = ("flower-superlink", "flower-supernode", "fedtune.runtime.warm_superexec")
 
 
 def _start(args: argparse.Namespace) -> None:
     trial = LocalTrial(args.dir, num_nodes=args.nodes, port=args.port, insecure=args.insecure,
-                       data_paths=args.data_path, federation=args.federation)
+                       data_paths=args.data_path, federation=args.federation, warm=args.warm)
     try:
         trial.start(timeout=args.timeout)
         trial.wait_for_nodes(args.nodes, timeout=args.timeout)
@@ -57,7 +57,7 @@ def _stop(args: argparse.Namespace) -> None:
             cmdline = " ".join(psutil.Process(pid).cmdline())
         except psutil.NoSuchProcess:
             continue
-        if not any(b in cmdline for b in FLOWER_BINARIES):  # the PID was reused by something else
+        if not any(b in cmdline for b in TRIAL_COMMANDS):  # the PID was reused by something else
             print(f"fedtune: {name} (PID {pid}) is no longer a Flower process; left alone", file=sys.stderr)
             continue
         stop_process(pid, timeout=args.timeout)
@@ -82,6 +82,9 @@ def main(argv: list[str]) -> None:
     start.add_argument("--nodes", type=int, default=3, help="number of SuperNodes (partitions)")
     start.add_argument("--port", type=int, default=39500, help="SuperLink port; SuperNode i uses port+1+i")
     start.add_argument("--insecure", action="store_true", help="plain HTTP, no SuperNode authentication")
+    start.add_argument("--warm", action="store_true",
+                       help="--isolation process + one preloaded SuperExec that forks each app process "
+                            "(fedtune.runtime.warm_superexec) instead of Flower's, which imports torch per message")
     start.add_argument("--data-path", nargs="+", default=None, help="one local data file per SuperNode")
     start.add_argument("--federation", default=FEDERATION, help="connection name in $FLWR_HOME/config.toml")
     start.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for the processes")

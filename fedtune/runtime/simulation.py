@@ -18,6 +18,10 @@ from fedtune.results.store import atomic_write_text
 from fedtune.runtime.environment import quiet_libraries
 
 
+ACTOR_MAX_RESTARTS = -1  # Ray: restart a client actor whose process died, without limit
+ACTOR_MAX_TASK_RETRIES = 3  # Ray: calls retried after their actor died (a deterministic crash: 3 more tries)
+
+
 def client_num_gpus(cfg: RunConfig) -> float:
     if cfg.runtime.client_num_gpus is not None:
         return float(cfg.runtime.client_num_gpus)
@@ -38,7 +42,12 @@ def backend_config(cfg: RunConfig) -> dict[str, Any]:
                      "include_dashboard": False, "log_to_driver": True}
         if rt.ray_num_cpus is None:
             del init_args["num_cpus"]
-    return {"client_resources": {"num_cpus": rt.client_num_cpus, "num_gpus": client_num_gpus(cfg)},
+    # Flower passes client_resources to ActorClass.options().  Its pool keeps a dead actor
+    # (a client process that crashed, or a faults `exit`) and would fail every later message
+    # sent to it: Ray restarts the actor instead, and retries the calls queued on it, which
+    # would otherwise fail at once while it restarts (fedtune/flower/faults.py).
+    return {"client_resources": {"num_cpus": rt.client_num_cpus, "num_gpus": client_num_gpus(cfg),
+                                 "max_restarts": ACTOR_MAX_RESTARTS, "max_task_retries": ACTOR_MAX_TASK_RETRIES},
             "init_args": init_args}
 
 

@@ -61,10 +61,16 @@ class Workspace:
         return _cached(self._key("data", "dataset"), lambda: DATASETS.get(self.cfg.dataset.name).load(self.cfg.dataset))
 
     def encoded(self, split: str) -> Encoded:
+        """A tokenised split, by the model's tokenizer and the dataset's encoding (an
+        instruction dataset's ``"test"`` is its :class:`~fedtune.data.chat_encoding.CausalEval`)."""
         def make() -> Encoded:
             from fedtune.models.zoo import load_tokenizer
 
-            return encode(load_tokenizer(), getattr(self.data, split), self.cfg.model.max_length)
+            model_spec, data_spec = MODELS.get(self.cfg.model.name), DATASETS.get(self.cfg.dataset.name)
+            tokenizer = model_spec.tokenizer(self.cfg.model) if model_spec.tokenizer else load_tokenizer()
+            if data_spec.encode is not None:
+                return data_spec.encode(tokenizer, self.data, split, self.cfg.model.max_length)
+            return encode(tokenizer, getattr(self.data, split), self.cfg.model.max_length)
 
         return _cached(self._key("encoded", "dataset", "model", extra=split), make)
 
