@@ -46,11 +46,6 @@ def versions() -> dict[str, str]:
             "peft": peft.__version__, "transformers": transformers.__version__}
 
 
-def _epsilon_cell(info: Any) -> str:
-    """metrics.csv's ε: the max over clients so far under DP, empty without privacy."""
-    return "" if info is None or math.isnan(info.epsilon) else f"{info.epsilon:.6f}"
-
-
 def failure_log(strategy: Any) -> list[dict[str, Any]]:
     """Every failed client of the run, with its reason (summary.json ``failures``)."""
     return [{"round": r, "client": pid, "reason": reason}
@@ -130,7 +125,7 @@ def _run_rounds(grid: Grid, cfg: RunConfig, store: RunStore) -> dict[str, Any]:
                "cumulative_bytes": strategy.ledger.cumulative_bytes(server_round),
                "aggregate_seconds": f"{info.aggregate_seconds:.4f}" if info else "0",
                "round_seconds": f"{now - clock['last']:.3f}", "wall_seconds": f"{now - t_start:.3f}",
-               "epsilon": _epsilon_cell(info), "heldout_loss": _cell(h_loss), "heldout_accuracy": _cell(h_acc)}
+               "epsilon": _cell(info.epsilon if info else math.nan), "heldout_loss": _cell(h_loss), "heldout_accuracy": _cell(h_acc)}
         clock["last"] = now
         store.add_round(row)
         first = store.rows[0]["eval_accuracy"]
