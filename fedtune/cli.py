@@ -2,6 +2,7 @@
 
     fedtune run [HYDRA OVERRIDES...]     e.g. fedtune run model=tiny dataset=tiny num_rounds=3
     fedtune run -m seed=0,1,2            a Hydra multirun (one run directory per job)
+    fedtune run resume=RUN_DIR [num_rounds=N]   continue a killed run from its checkpoint.pt
     fedtune run --help                   every config group and option
     fedtune plot RUN_DIR [RUN_DIR ...]   accuracy vs cumulative bytes, accuracy vs round (PNG)
     fedtune list                         strategies, models and datasets
@@ -65,13 +66,49 @@ def _hydra_entry() -> None:
         from fedtune.runtime.simulation import simulate
 
         summary = simulate(run_cfg, out_dir)
-        print(f"fedtune: done in {summary['wall_seconds']:.0f}s; final accuracy {summary['final_accuracy']:.4f} "
-              f"(round 0: {summary['initial_accuracy']:.4f}); {summary['total_bytes'] / 1e6:.2f} MB on the wire")
-        print(f"fedtune: results in {out_dir} (metrics.csv, summary.json, adapter/); "
-              f"plot with: fedtune plot {out_dir}")
+        _report(summary, out_dir)
         return float(summary["final_accuracy"])
 
     run()
+
+
+def _report(summary: dict, out_dir: Path) -> None:  # type: ignore[type-arg]
+    print(f"fedtune: done in {summary['wall_seconds']:.0f}s; final accuracy {summary['final_accuracy']:.4f} "
+          f"(round 0: {summary['initial_accuracy']:.4f}); {summary['total_bytes'] / 1e6:.2f} MB on the wire")
+    print(f"fedtune: results in {out_dir} (metrics.csv, summary.json, adapter/); "
+          f"plot with: fedtune plot {out_dir}")
+
+
+def _resume(args: list[str]) -> None:
+    """``fedtune run resume=RUN_DIR [num_rounds=N]``: the run's own config.yaml, its checkpoint."""
+    from omegaconf import OmegaConf
+
+    from fedtune.config import from_dict
+    from fedtune.flower.server_app import resume_point
+
+    run_dir = Path(next(a for a in args if a.startswith("resume=")).partition("=")[2]).expanduser().resolve()
+    extra = [a for a in args if not a.startswith("resume=")]
+    if any(not a.startswith("num_rounds=") for a in extra):
+        _fail(f"resume: only num_rounds=N may be given with resume=RUN_DIR (the run's config.yaml "
+              f"is used), got {' '.join(a for a in extra if not a.startswith('num_rounds='))}")
+    if not (run_dir / "config.yaml").is_file():
+        _fail(f"resume: {run_dir} has no config.yaml (not a fedtune run directory)")
+    data = OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml"), resolve=True)
+    for a in extra:
+        try:
+            data["num_rounds"] = int(a.partition("=")[2])  # type: ignore[index]
+        except ValueError:
+            _fail(f"num_rounds must be an integer >= 1, got {a.partition('=')[2]!r}")
+    try:
+        cfg = from_dict(data)  # type: ignore[arg-type]
+        resume_point(cfg, run_dir)  # refuse before Ray starts
+    except (ConfigError, ValueError, FileNotFoundError) as exc:
+        _fail(str(exc))
+    from fedtune.runtime.environment import quiet_libraries
+    from fedtune.runtime.simulation import simulate
+
+    quiet_libraries()
+    _report(simulate(cfg, run_dir, resume=True), run_dir)
 
 
 def _plot(argv: list[str]) -> None:
@@ -104,7 +141,9 @@ def main(argv: list[str] | None = None) -> None:
         print(USAGE)
         return
     command, rest = argv[0], argv[1:]
-    if command == "run":
+    if command == "run" and any(arg.startswith("resume=") for arg in rest):
+        _resume(rest)
+    elif command == "run":
         try:
             check_group_choices(rest)
             if not any(arg.startswith("-") for arg in rest):  # one run (not -m, --help, ...): validate it now,

@@ -258,12 +258,17 @@ class FaultsConfig:
     the next of ``modes`` (cycled): ``raise`` (the ClientApp raises), ``exit`` (its process
     dies), or a malformed reply (``nan_value``, ``inf_value``, ``wrong_shape``, ``wrong_dtype``,
     ``missing_key``, ``extra_key``, ``bad_num_examples``; ``malformed`` = all of these in turn).
+    ``server_kill_round`` > 0 kills the server process (SIGKILL, no clean-up) right after
+    that round's checkpoint, to test ``fedtune run resume=RUN_DIR``.
     """
 
     fraction: float = 0.0
     modes: list[str] = field(default_factory=lambda: ["raise"])
+    server_kill_round: int = 0
 
     def __post_init__(self) -> None:
+        if self.server_kill_round < 0:
+            raise ValueError(f"server_kill_round must be >= 0 (0 = off), got {self.server_kill_round}")
         if not 0.0 <= self.fraction <= 1.0:
             raise ValueError(f"fraction must be in [0, 1], got {self.fraction}")
         if not self.modes:

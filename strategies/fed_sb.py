@@ -154,6 +154,11 @@ class FedSB(FedtuneStrategy):
         if missing:
             raise RuntimeError(f"Fed-SB setup: gradient keys match no trainable core, e.g. {missing[0]}")
         self.global_arrays.update(cores)
+        self.resync(grid, server_round)
+
+    def resync(self, grid: Grid, server_round: int) -> None:
+        """Send the bases B, A to every client (once after setup; again after a resume,
+        since clients keep them in process state that a restart loses)."""
         for reply in self._setup_exchange(grid, server_round, self.bases):
             if reply.has_error():
                 log(WARNING, "Fed-SB setup: node %d did not store the bases: %s", reply.metadata.src_node_id,

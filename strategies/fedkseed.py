@@ -40,11 +40,8 @@ the run seed (no one-time transfer).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from logging import WARNING
-from typing import Callable
 
 import torch
-from flwr.common.logger import log
 
 from fedtune.directions import SeedDirections, directions_for
 from fedtune.errors import ConfigError
@@ -79,17 +76,6 @@ def check_exact(cfg) -> None:  # type: ignore[no-untyped-def]
     if cfg.train.weight_decay != 0:
         raise ConfigError(f"train.weight_decay must be 0 for {cfg.strategy.name} (the per-seed accumulators "
                           f"replay the model only without decay), got {cfg.train.weight_decay}")
-
-
-def drop_invalid(updates: list[ClientUpdate], problem: Callable[[Arrays], str]) -> list[ClientUpdate]:
-    """Leave out (and log) uploads whose integer content is inconsistent (``problem`` ≠ "")."""
-    kept = []
-    for u in updates:
-        if reason := problem(u.arrays):
-            log(WARNING, "client %d: rejected payload: %s", u.partition_id, reason)
-        else:
-            kept.append(u)
-    return kept
 
 
 def bad_indices(indices: torch.Tensor, num_seeds: int) -> str:
@@ -242,10 +228,14 @@ class FedKSeed(FedtuneStrategy):
     def expected_upload(self, partition_id: int) -> dict[str, tuple[int, ...]]:
         return upload_shapes(self.num_seeds, self.local_steps, self.encoding)
 
+    def payload_problem(self, partition_id: int, arrays: Arrays) -> str:
+        return bad_indices(arrays.get("indices", torch.zeros(0)), self.num_seeds)
+
+    def restore_state(self, state: dict) -> None:  # type: ignore[type-arg]
+        super().restore_state(state)
+        self.replica.bind(self.replay)  # type: ignore[union-attr]
+
     def aggregate(self, server_round: int, updates: list[ClientUpdate]) -> Arrays:
-        updates = drop_invalid(updates, lambda a: bad_indices(a.get("indices", torch.zeros(0)), self.num_seeds))
-        if not updates:
-            return self.global_arrays
         delta = torch.zeros(self.num_seeds, dtype=torch.float64)
         for w, u in zip(weights_for(updates, self.weighting), updates):
             if self.encoding == "sums":

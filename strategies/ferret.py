@@ -45,7 +45,7 @@ from fedtune.flower.strategy import Arrays, ClientUpdate, FedtuneStrategy, weigh
 from fedtune.directions import SeedDirections, directions_for
 from fedtune.randomness import derive_seed, seed_pool
 from fedtune.registry import register_method
-from strategies.fedkseed import TRAINABLE_PRESETS, bad_indices, check_cache_mb, drop_invalid, index_dtype
+from strategies.fedkseed import TRAINABLE_PRESETS, bad_indices, check_cache_mb, index_dtype
 from strategies.seed_replay import SeedReplica, flatten, unflatten
 
 Bases = Union[torch.Tensor, SeedDirections]
@@ -201,7 +201,15 @@ class Ferret(FedtuneStrategy):
         self.blocks = make_blocks([s.numel() for s in self.shapes])
         self.seeds = block_seeds(self.pool, len(self.blocks))
         self.coefficients = torch.zeros(self.num_seeds, len(self.blocks), dtype=torch.float32)
-        self.replica = SeedReplica(theta0, lambda th, c: apply_coefficients(th, c, self.blocks, self.bases()))
+        self.replica = SeedReplica(theta0, self.replay)
+
+    def replay(self, theta: torch.Tensor, coefficients: torch.Tensor) -> None:
+        """``θ ← θ + Σ_(j,l) C[j,l] u_(j,l)`` (the model is linear in the coefficients)."""
+        apply_coefficients(theta, coefficients, self.blocks, self.bases())
+
+    def restore_state(self, state: dict) -> None:  # type: ignore[type-arg]
+        super().restore_state(state)
+        self.replica.bind(self.replay)
 
     def bases(self) -> SeedDirections:
         """This process's basis source (the cached bank of all (seed, block) bases if it fits)."""
@@ -213,16 +221,13 @@ class Ferret(FedtuneStrategy):
     def expected_upload(self, partition_id: int) -> dict[str, tuple[int, ...]]:
         return {"counts": (len(self.blocks),), "indices": (-1,), "values": (-1,)}
 
-    def _problem(self, arrays: Arrays) -> str:
+    def payload_problem(self, partition_id: int, arrays: Arrays) -> str:
         counts, n = arrays["counts"], len(arrays["indices"])
         if int(counts.min()) < 0 or int(counts.sum()) != n or len(arrays["values"]) != n:
             return f"block counts sum to {int(counts.sum())}, with {n} indices and {len(arrays['values'])} values"
         return bad_indices(arrays["indices"], self.num_seeds)
 
     def aggregate(self, server_round: int, updates: list[ClientUpdate]) -> Arrays:
-        updates = drop_invalid(updates, self._problem)
-        if not updates:
-            return self.global_arrays
         gamma = torch.zeros(self.num_seeds, len(self.blocks), dtype=torch.float64)
         for w, u in zip(weights_for(updates, self.weighting), updates):
             gamma += w * scatter(u.arrays["counts"], u.arrays["indices"], u.arrays["values"], self.num_seeds)

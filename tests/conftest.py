@@ -16,7 +16,27 @@ if "FLWR_HOME" not in os.environ:  # a private one, removed when the session end
     atexit.register(shutil.rmtree, os.environ["FLWR_HOME"], True)
 os.environ["MPLBACKEND"] = "Agg"
 
+from pathlib import Path  # noqa: E402
+
 import pytest  # noqa: E402
+
+SIMULATION_OVERRIDES = "model=tiny dataset=tiny federation.num_clients=4 num_rounds=3 seed=3 train.local_steps=8"
+
+
+@pytest.fixture(scope="session")
+def same_seed_runs(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    """Two real Ray simulations of ``SIMULATION_OVERRIDES`` (same seed), shared by the
+    end-to-end tests (tests/test_simulation.py) and the resume test (tests/test_resume.py),
+    so the suite pays for them once."""
+    from fedtune.config import compose
+    from fedtune.runtime.simulation import simulate
+
+    out = []
+    for i in range(2):
+        run_dir = tmp_path_factory.mktemp(f"run{i}")
+        simulate(compose(SIMULATION_OVERRIDES), run_dir)
+        out.append(run_dir)
+    return out
 
 
 @pytest.fixture(autouse=True)

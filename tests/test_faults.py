@@ -161,6 +161,22 @@ def _good_replies(initial: dict, msgs: dict[int, Message]) -> dict[int, Message]
             for pid in (1, 2, 3)}
 
 
+def test_seed_indices_outside_the_pool_are_a_recorded_failure(task_identity: None) -> None:
+    """A FedKSeed upload of the right shape and dtype whose seed indices leave the pool is
+    rejected in validation and recorded as the client's failure (metrics, summary)."""
+    over = "strategy=fedkseed strategy.num_seeds=64 strategy.local_steps=20"
+    initial = Workspace(compose(f"{BASE} federation.num_clients=4 {over}")).initial_arrays()
+    strategy = _strategy(initial, over)
+    msgs = _instructions(strategy)
+    good = {"indices": torch.full((20,), 5, dtype=torch.int16), "values": torch.ones(20)}
+    bad = {**good, "indices": torch.full((20,), 64, dtype=torch.int16)}
+    replies = [_reply(msgs[pid], bad if pid == BAD else good, {"num-examples": EXAMPLES[pid]}) for pid in range(4)]
+    strategy.aggregate_train(1, replies)
+    info = strategy.rounds[1]
+    assert info.received == [1, 2, 3] and info.failures == {BAD: "rejected payload: seed indices outside [0, 64)"}
+    assert float(strategy.accumulators[5]) == pytest.approx(20.0) and int((strategy.accumulators != 0).sum()) == 1
+
+
 @pytest.mark.parametrize("kind", sorted(MALFORMED))
 def test_a_malformed_reply_is_rejected_and_the_others_aggregated(task_identity: None, initial: dict,
                                                                 kind: str) -> None:

@@ -196,13 +196,15 @@ def test_inexact_settings_are_refused() -> None:
         compose(f"{BASE} strategy=fedkseed strategy.trainable=lora")
 
 
-def test_out_of_range_seed_indices_are_left_out(tiny) -> None:
+def test_out_of_range_seed_indices_are_a_payload_problem(tiny) -> None:
+    """Rejected in validation (so recorded as the client's failure: tests/test_faults.py)."""
     cfg, _, model = tiny
     strategy = _strategy(cfg, model)
     good = {"indices": torch.full((20,), 5, dtype=torch.int16), "values": torch.ones(20)}
     bad = {"indices": torch.full((20,), 64, dtype=torch.int16), "values": torch.ones(20)}
-    strategy.aggregate(1, [ClientUpdate(0, 1, good, {}), ClientUpdate(1, 1, bad, {})])
-    assert float(strategy.accumulators[5]) == pytest.approx(20.0) and int((strategy.accumulators != 0).sum()) == 1
+    negative = {"indices": torch.full((20,), -1, dtype=torch.int16), "values": torch.ones(20)}
+    assert strategy.payload_problem(0, good) == ""
+    assert strategy.payload_problem(1, bad) == strategy.payload_problem(2, negative) == "seed indices outside [0, 64)"
 
 
 def _two_rounds(cache_mb: float) -> tuple[list[torch.Tensor], torch.Tensor]:

@@ -129,16 +129,16 @@ def test_trainer_round_trip_bytes_and_client_sync_on_the_tiny_model() -> None:
     assert float((out["start"] - server.replica.theta).norm()) <= 1e-6 * float(fresh.theta.norm())
 
 
-def test_inconsistent_sparse_uploads_are_left_out() -> None:
+def test_inconsistent_sparse_uploads_are_a_payload_problem() -> None:
+    """Rejected in validation, so recorded as that client's failure and never aggregated."""
     server = _server([40, 30, 30, 8], clip=0.0)
-    before = flatten(server.global_arrays)[2]
-    bad = [ClientUpdate(0, 1, {"counts": torch.tensor([2, 2, 2, 2], dtype=torch.int32),
-                               "indices": torch.tensor([0, 1, 2, 3, 4, 5, 6, 99], dtype=torch.int16),  # 99 >= K
-                               "values": torch.ones(8)}, {}),
-           ClientUpdate(1, 1, {"counts": torch.tensor([2, 2, 2, 3], dtype=torch.int32),  # sums to 9, 8 sent
-                               "indices": torch.zeros(8, dtype=torch.int16), "values": torch.ones(8)}, {})]
-    assert torch.equal(flatten(server.aggregate(1, bad))[2], before)
-    assert int((server.coefficients != 0).sum()) == 0
+    counts = torch.tensor([2, 2, 2, 2], dtype=torch.int32)
+    good = {"counts": counts, "indices": torch.arange(8, dtype=torch.int16), "values": torch.ones(8)}
+    out_of_pool = {**good, "indices": torch.tensor([0, 1, 2, 3, 4, 5, 6, 99], dtype=torch.int16)}  # 99 >= K
+    miscounted = {**good, "counts": torch.tensor([2, 2, 2, 3], dtype=torch.int32)}  # sums to 9, 8 sent
+    assert server.payload_problem(0, good) == ""
+    assert "outside" in server.payload_problem(0, out_of_pool)
+    assert "sum to 9" in server.payload_problem(1, miscounted)
 
 
 def test_bank_of_bases_gives_the_same_coordinates_and_model() -> None:

@@ -1,7 +1,7 @@
 """End to end: a real Flower simulation on Ray with the tiny model (issue 2's acceptance).
 
-One module-scoped pair of runs (same seed) serves several assertions, so the suite pays
-for two Ray start-ups, not one per test.
+One session-scoped pair of runs (same seed, conftest.py) serves several assertions, so
+the suite pays for two Ray start-ups, not one per test.
 """
 
 import csv
@@ -9,25 +9,19 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import SIMULATION_OVERRIDES as OVERRIDES
 
 from fedtune.config import compose
 from fedtune.results.store import METRIC_COLUMNS, TIMING_COLUMNS
-from fedtune.runtime.simulation import simulate
 
 pytestmark = pytest.mark.simulation
-OVERRIDES = "model=tiny dataset=tiny federation.num_clients=4 num_rounds=3 seed=3 train.local_steps=8"
 P_LORA_TINY = 2 * 2 * 4 * (32 + 32)  # layers × (query, value) × r × (m + n)
 HEAD_TINY = 4 * 32 + 4  # 4 topics × hidden 32 + bias
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
-    out = []
-    for i in range(2):
-        run_dir = tmp_path_factory.mktemp(f"run{i}")
-        simulate(compose(OVERRIDES), run_dir)
-        out.append(run_dir)
-    return out
+@pytest.fixture
+def runs(same_seed_runs: list[Path]) -> list[Path]:
+    return same_seed_runs  # conftest.py: two runs of OVERRIDES, same seed
 
 
 def _rows(run_dir: Path) -> list[dict[str, str]]:

@@ -26,6 +26,7 @@ from flwr.app import Message, RecordDict
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 
 DOWN, UP = "down", "up"
+RESUME = "resume"
 
 
 @dataclass(frozen=True)
@@ -35,7 +36,7 @@ class WireRecord:
     server_round: int
     partition_id: int
     direction: str  # "down" (server → client) or "up" (client → server)
-    kind: str  # "train", "control" (roll-call) or "one_time" (setup broadcasts)
+    kind: str  # "train", "control" (roll-call), "one_time" (setup broadcasts) or "resume" (a restart's)
     wire_bytes: int
     payload_bytes: int
     node_id: int = field(default=0, compare=False)  # Flower's random id: kept out of the CSV
@@ -75,10 +76,16 @@ class Ledger:
         self.records = [replace(r, partition_id=partition_of_node.get(r.node_id, -1)) if r.partition_id < 0 else r
                         for r in self.records]
 
+    def method_records(self) -> list[WireRecord]:
+        """The records of the method's own traffic: all but a resumed run's restart
+        (its roll-call and re-sent client state), which an uninterrupted run never sends;
+        those stay in ``ledger.csv`` and in summary.json ``resume_bytes``."""
+        return [r for r in self.records if r.kind != RESUME]
+
     def round_totals(self, server_round: int) -> dict[str, int]:
         """Wire and payload bytes of one round, per direction."""
         out = {"bytes_up": 0, "bytes_down": 0, "payload_up": 0, "payload_down": 0}
-        for r in self.records:
+        for r in self.method_records():
             if r.server_round == server_round:
                 out[f"bytes_{r.direction}"] += r.wire_bytes
                 out[f"payload_{r.direction}"] += r.payload_bytes
@@ -86,7 +93,7 @@ class Ledger:
 
     def cumulative_bytes(self, up_to_round: int) -> int:
         """Wire bytes in both directions of all rounds ``<= up_to_round``."""
-        return sum(r.wire_bytes for r in self.records if r.server_round <= up_to_round)
+        return sum(r.wire_bytes for r in self.method_records() if r.server_round <= up_to_round)
 
     def rows(self) -> list[dict[str, int | str]]:
         """One dict per record, in a deterministic order (replies arrive in any order)."""

@@ -34,13 +34,14 @@ class MeteredGrid(Grid):
     def __init__(self, inner: Grid, ledger: Ledger, partition_of: Callable[[int], int]) -> None:
         self.inner, self.ledger, self.partition_of = inner, ledger, partition_of
         self.server_round = 0
+        self.kind: str | None = None  # when set, the ledger kind of every message (e.g. "resume")
 
     # --- metered traffic -------------------------------------------------------------
     def _record(self, messages: list[Message], direction: str) -> None:
         for m in messages:
             node = m.metadata.dst_node_id if direction == DOWN else m.metadata.src_node_id
             self.ledger.record(m, self.server_round, self.partition_of(node), direction,
-                               _kind(m.metadata.message_type), node)
+                               self.kind or _kind(m.metadata.message_type), node)
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         messages = list(messages)

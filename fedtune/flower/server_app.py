@@ -1,8 +1,10 @@
 """The fedtune ``ServerApp``: build the strategy named in the config and run the rounds.
 
 Each round the global model is evaluated centrally on the held-out test split; a row
-goes to ``metrics.csv`` (atomically) and one progress line to stdout.  At the end the
-final adapter is saved in peft format and ``summary.json`` is written last.
+goes to ``metrics.csv`` (atomically), the server's state to ``checkpoint.pt``
+(atomically; :mod:`fedtune.results.checkpoint`) and one progress line to stdout.  At the
+end the final adapter is saved in peft format and ``summary.json`` is written last.
+``resume=True`` continues a run directory from its checkpoint.
 
 :func:`make_server_app` serves ``fedtune run`` (config in a closure); module-level
 :data:`app` serves ``flwr run`` and deployment (config composed from the run config's
@@ -12,6 +14,8 @@ final adapter is saved in peft format and ``summary.json`` is written last.
 from __future__ import annotations
 
 import math
+import os
+import signal
 import time
 from datetime import datetime
 from pathlib import Path
@@ -25,7 +29,8 @@ from fedtune.evaluation import evaluate, evaluate_heldout
 from fedtune.privacy.accounting import check_delta
 from fedtune.privacy.client_level import summary_block, with_client_dp
 from fedtune.registry import METHODS
-from fedtune.results.store import RunStore, atomic_write_dir
+from fedtune.results.checkpoint import load_checkpoint, save_checkpoint, set_rng_state
+from fedtune.results.store import RunStore, atomic_write_dir, read_metrics
 from fedtune.runtime.environment import quiet_libraries
 from fedtune.runtime.workspace import Workspace
 
@@ -75,16 +80,51 @@ def privacy_summary(cfg: RunConfig, strategy: Any, runner: Any = None) -> dict[s
     return {"privacy": out}
 
 
-def run_server(grid: Grid, cfg: RunConfig, out_dir: Path) -> dict[str, Any]:
-    """Run ``cfg.num_rounds`` rounds on ``grid``; write the run directory; return the summary."""
+def resume_point(cfg: RunConfig, out_dir: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The checkpoint of ``out_dir`` and its metrics rows up to the checkpointed round.
+
+    Refuses a checkpoint of another experiment (any config field but ``num_rounds`` and
+    ``faults.server_kill_round`` differs) and runs whose state lives partly on clients
+    that a restart loses (example-level DP accountants) or in Flower's DP wrappers.
+    """
+    if cfg.privacy.name != "none":
+        raise ValueError(f"resume: privacy={cfg.privacy.name} runs cannot be resumed (the privacy accounting "
+                         "lives in client processes and Flower's DP wrapper, which a restart loses)")
+    checkpoint = load_checkpoint(out_dir)
+    saved, now = dict(checkpoint["config"]), cfg.to_dict()
+    for d in (saved, now):
+        d.pop("num_rounds", None)
+        d["faults"] = {k: v for k, v in d["faults"].items() if k != "server_kill_round"}
+    if saved != now:
+        changed = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
+        raise ValueError(f"resume: {out_dir} was run with other settings ({', '.join(changed)} differ); "
+                         "only num_rounds may change on resume")
+    if checkpoint["round"] > cfg.num_rounds:
+        raise ValueError(f"resume: {out_dir} is checkpointed at round {checkpoint['round']}, "
+                         f"past num_rounds={cfg.num_rounds}")
+    rows = [r for r in read_metrics(out_dir) if int(r["round"]) <= checkpoint["round"]]
+    return checkpoint, rows
+
+
+def run_server(grid: Grid, cfg: RunConfig, out_dir: Path, resume: bool = False) -> dict[str, Any]:
+    """Run ``cfg.num_rounds`` rounds on ``grid``; write the run directory; return the summary.
+
+    ``resume``: continue ``out_dir`` from its ``checkpoint.pt`` (rounds after it only).
+    """
     quiet_libraries(cfg.runtime.log_level)
     store = RunStore(out_dir)
+    checkpoint = None
+    if resume:
+        checkpoint, store.rows = resume_point(cfg, out_dir)
     store.write_config(cfg.to_dict())
     summary: dict[str, Any] = {"status": "running", "strategy": cfg.strategy.name, "model": cfg.model.name,
                                "dataset": cfg.dataset.name, "seed": cfg.seed, "num_rounds": cfg.num_rounds,
                                "run_dir": str(out_dir), "versions": versions()}
+    if checkpoint is not None:
+        summary["resumed_from_round"] = checkpoint["round"]
+    store.write_summary(summary)  # status "running" until the end: a killed run says so
     try:
-        summary.update(_run_rounds(grid, cfg, store))
+        summary.update(_run_rounds(grid, cfg, store, checkpoint))
         summary["status"] = "completed"
         return summary
     except BaseException as exc:
@@ -94,17 +134,19 @@ def run_server(grid: Grid, cfg: RunConfig, out_dir: Path) -> dict[str, Any]:
         store.write_summary(summary)
 
 
-def _run_rounds(grid: Grid, cfg: RunConfig, store: RunStore) -> dict[str, Any]:
+def _run_rounds(grid: Grid, cfg: RunConfig, store: RunStore, checkpoint: dict[str, Any] | None) -> dict[str, Any]:
     workspace = Workspace(cfg)
     check_delta(cfg, [len(p) for p in workspace.partitions()])  # δ < 1/n, before any client runs
     model = workspace.model()
     test = workspace.encoded("test")
     strategy = METHODS.get(cfg.strategy.name).strategy_cls.from_config(cfg)
-    t_start = time.perf_counter()
-    clock = {"last": t_start}
+    elapsed = float(store.rows[-1]["wall_seconds"]) if store.rows else 0.0  # a resumed run's clock goes on
+    t_start = time.perf_counter() - elapsed
+    clock = {"last": time.perf_counter()}
+    resumed = f", resumed after round {checkpoint['round']}" if checkpoint else ""
     print(f"fedtune: {cfg.strategy.name} on {cfg.model.name}/{cfg.dataset.name}, "
           f"{cfg.federation.num_clients} clients ({cfg.federation.clients_per_round} per round), "
-          f"{cfg.num_rounds} rounds, seed {cfg.seed} -> {store.dir}", flush=True)
+          f"{cfg.num_rounds} rounds, seed {cfg.seed}{resumed} -> {store.dir}", flush=True)
 
     def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord:
         strategy.load_into(model)
@@ -139,12 +181,22 @@ def _run_rounds(grid: Grid, cfg: RunConfig, store: RunStore) -> dict[str, Any]:
               f"eval loss {loss:.4f}  clients {row['num_replies']}/{len(info.sampled) if info else 0}{fails}  "
               f"up {_mb(totals['bytes_up'])} down {_mb(totals['bytes_down'])}  "
               f"total {_mb(row['cumulative_bytes'])}  {now - t_start:.1f}s", flush=True)
+        if server_round > 0:
+            save_checkpoint(store.dir, server_round, strategy.checkpoint_state(), cfg.to_dict())
+        if server_round and server_round == cfg.faults.server_kill_round:  # fault injection: die as a killed process does
+            print(f"fedtune: faults.server_kill_round={server_round}: killing the server", flush=True)
+            os.kill(os.getpid(), signal.SIGKILL)
         return MetricRecord({"eval-loss": loss, "eval-accuracy": acc})
 
     initial = ArrayRecord(workspace.initial_arrays())
     runner = with_client_dp(strategy, cfg)  # Flower's DP wrapper around it under privacy=client_dp
-    runner.start(grid=grid, initial_arrays=initial, num_rounds=cfg.num_rounds, evaluate_fn=evaluate_fn,
-                 timeout=cfg.federation.round_timeout)
+    if checkpoint is not None:
+        set_rng_state(checkpoint["rng"])
+        strategy.start(grid=grid, initial_arrays=initial, num_rounds=cfg.num_rounds, evaluate_fn=evaluate_fn,
+                       timeout=cfg.federation.round_timeout, resume=checkpoint)
+    else:
+        runner.start(grid=grid, initial_arrays=initial, num_rounds=cfg.num_rounds, evaluate_fn=evaluate_fn,
+                     timeout=cfg.federation.round_timeout)
 
     strategy.load_into(model)
     atomic_write_dir(store.dir / "adapter", lambda tmp: strategy.export(model, str(tmp)))
@@ -163,6 +215,7 @@ def _run_rounds(grid: Grid, cfg: RunConfig, store: RunStore) -> dict[str, Any]:
         "client_failures": sum(int(r["num_failures"]) for r in rows),
         "failures": failure_log(strategy),
         "wall_seconds": round(time.perf_counter() - t_start, 3),
+        "resume_bytes": sum(r.wire_bytes for r in strategy.ledger.records if r.kind == "resume"),
         **privacy_summary(cfg, strategy, runner),
     }
 
@@ -171,15 +224,20 @@ def default_output_dir() -> Path:
     return Path("outputs") / "flwr" / datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
 
 
-def make_server_app(cfg: RunConfig | None = None, out_dir: str | Path | None = None) -> ServerApp:
-    """A ServerApp for ``cfg`` (``None``: compose it from the run config's ``overrides``)."""
+def make_server_app(cfg: RunConfig | None = None, out_dir: str | Path | None = None,
+                    resume: bool = False) -> ServerApp:
+    """A ServerApp for ``cfg`` (``None``: compose it from the run config's ``overrides``).
+
+    ``resume`` (or the run config's ``resume = true`` under ``flwr run``): continue the
+    output directory from its checkpoint.
+    """
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         run_cfg = cfg if cfg is not None else compose(str(context.run_config.get("overrides", "")))
         target = out_dir or context.run_config.get("output-dir") or default_output_dir()
-        run_server(grid, run_cfg, Path(str(target)).resolve())
+        run_server(grid, run_cfg, Path(str(target)).resolve(), resume or bool(context.run_config.get("resume", False)))
 
     return app
 

@@ -14,6 +14,9 @@ It does the messaging once for all methods, so a method only writes its maths:
   through ``evaluate_fn``.
 * **metering**: :meth:`start` wraps the grid in a :class:`MeteredGrid`, so every
   message is counted in :attr:`ledger`, whoever drives the loop.
+* **checkpoints**: :meth:`checkpoint_state` is everything the strategy holds (global
+  state, ledger, round records and the method's own attributes) except the run's node
+  ids; ``start(..., resume=state)`` restores it and continues at the next round.
 
 Subclasses implement :meth:`aggregate` (pure tensor maths) and may override
 :meth:`downlink` (per-client payloads) and :meth:`initialize`.
@@ -23,7 +26,8 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from logging import INFO, WARNING
 from typing import Any
@@ -37,6 +41,7 @@ from flwr.serverapp.strategy import Result, Strategy
 from fedtune.comm.ledger import Ledger
 from fedtune.comm.metered_grid import MeteredGrid
 from fedtune.errors import PayloadError
+from fedtune.flower.round_loop import run_rounds
 from fedtune.models.state import check_arrays, load_trainable_state
 from fedtune.sampling import sample_partitions
 
@@ -88,6 +93,7 @@ class FedtuneStrategy(Strategy):
     """
 
     name = "base"
+    transient = frozenset({"_grid", "node_of", "partition_of_node", "_resuming"})  # never checkpointed
 
     def __init__(self, *, num_clients: int, clients_per_round: int, seed: int = 0,
                  weighting: str = "examples", min_replies: int = 1, rollcall_timeout: float = 300.0) -> None:
@@ -103,6 +109,7 @@ class FedtuneStrategy(Strategy):
         self.global_arrays: Arrays = {}
         self.client_epsilon: dict[int, float] = {}  # DP: latest ε each client reported
         self._grid: MeteredGrid | None = None
+        self._resuming = False  # set by start(resume=...): the next roll-call re-syncs, not sets up
 
     @classmethod
     def from_config(cls, cfg: Any) -> "FedtuneStrategy":
@@ -124,6 +131,22 @@ class FedtuneStrategy(Strategy):
         metered as ``one_time`` traffic), e.g. Fed-SB's initial gradients and bases.
         """
 
+    def resync(self, grid: Grid, server_round: int) -> None:
+        """After a resume, give clients again what :meth:`setup` gave them once (default:
+        nothing; Fed-SB re-sends its bases).  Metered as ``resume`` traffic."""
+
+    def checkpoint_state(self) -> dict[str, Any]:
+        """Everything this strategy holds, but the run's node ids (a new run has new ones).
+
+        Taken from the instance's attributes, so a method's own state (accumulators,
+        histories, bases, merged deltas) is included without the method listing it.
+        """
+        return {k: v for k, v in vars(self).items() if k not in self.transient}
+
+    def restore_state(self, state: dict[str, Any]) -> None:
+        """Inverse of :meth:`checkpoint_state` (called after :meth:`initialize`)."""
+        vars(self).update(state)
+
     def downlink(self, server_round: int, partition_id: int) -> Arrays:
         """What client ``partition_id`` receives for training (default: the global state)."""
         return self.global_arrays
@@ -138,6 +161,12 @@ class FedtuneStrategy(Strategy):
         dtype (:func:`~fedtune.models.state.check_arrays`)."""
         expected = self.expected_upload(partition_id)
         return {k: v.dtype for k, v in self.global_arrays.items() if k in expected}
+
+    def payload_problem(self, partition_id: int, arrays: Arrays) -> str:
+        """Why an upload that has the right keys, shapes and dtypes is still invalid ("" if
+        it is not), e.g. seed indices outside the pool.  Such a reply is rejected and
+        recorded as that client's failure, like any malformed one."""
+        return ""
 
     def aggregate(self, server_round: int, updates: list[ClientUpdate]) -> Arrays:
         """Combine the (sorted, validated) client updates into the new global state."""
@@ -169,12 +198,23 @@ class FedtuneStrategy(Strategy):
 
     def start(self, grid: Grid, initial_arrays: ArrayRecord, num_rounds: int = 3, timeout: float = 3600,
               train_config: ConfigRecord | None = None, evaluate_config: ConfigRecord | None = None,
-              evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None) -> Result:
-        """Flower's round loop over a metered grid."""
+              evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None,
+              resume: dict[str, Any] | None = None) -> Result:
+        """The round loop (:func:`run_rounds`) over a metered grid.
+
+        ``resume``: a :meth:`checkpoint_state` taken after round ``resume["round"]``
+        (the dict of :func:`fedtune.results.checkpoint.load_checkpoint`); the run goes on
+        from the next round, as if it had never stopped.
+        """
+        self.summary()
         self.initialize(initial_arrays.to_torch_state_dict())
+        first_round, arrays = 1, initial_arrays
+        if resume is not None:
+            self.restore_state(resume["strategy"])
+            self._resuming = True
+            first_round, arrays = resume["round"] + 1, ArrayRecord(self.global_arrays)
         self._grid = grid if isinstance(grid, MeteredGrid) else MeteredGrid(grid, self.ledger, self._partition)
-        return super().start(self._grid, initial_arrays, num_rounds, timeout, train_config, evaluate_config,
-                             evaluate_fn)
+        return run_rounds(self, self._grid, arrays, num_rounds, timeout, train_config, evaluate_fn, first_round)
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
@@ -182,7 +222,12 @@ class FedtuneStrategy(Strategy):
             self.initialize(arrays.to_torch_state_dict())
         if isinstance(grid, MeteredGrid):
             grid.server_round = server_round
-        if not self.node_of:
+        if not self.node_of and self._resuming:  # a new process: learn the nodes, restore client state
+            with _metered_as(grid, "resume"):
+                self._rollcall(grid)
+                self.resync(grid, server_round)
+            self._resuming = False
+        elif not self.node_of:
             self._rollcall(grid)
             self.setup(grid, server_round)
         sampled = sample_partitions(self.seed, server_round, self.node_of, self.clients_per_round)
@@ -297,6 +342,8 @@ class FedtuneStrategy(Strategy):
                 content = reply.content
                 arrays = content["arrays"].to_torch_state_dict() if "arrays" in content else {}
                 check_arrays(arrays, self.expected_upload(pid), self.expected_dtypes(pid))
+                if problem := self.payload_problem(pid, arrays):
+                    raise PayloadError(problem)
                 metrics = dict(content["metrics"])
                 num_examples = _num_examples(metrics["num-examples"])
                 scalars = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
@@ -305,6 +352,19 @@ class FedtuneStrategy(Strategy):
                 log(WARNING, "client %d: %s", pid, info.failures[pid])
                 continue
             yield ClientUpdate(pid, num_examples, arrays, scalars)
+
+
+@contextmanager
+def _metered_as(grid: Grid, kind: str) -> Iterator[None]:
+    """Record the messages sent inside the block under ledger kind ``kind``."""
+    if not isinstance(grid, MeteredGrid):
+        yield
+        return
+    grid.kind, previous = kind, grid.kind
+    try:
+        yield
+    finally:
+        grid.kind = previous
 
 
 def _last_line(reason: str) -> str:

@@ -6,7 +6,9 @@ Layout of a run directory::
     metrics.csv      one row per round (METRIC_COLUMNS), rewritten atomically each round
                      (failed_clients: the partition ids that failed; why: summary.json failures)
     ledger.csv       one row per message: round, partition, direction, kind, wire/payload bytes
-    summary.json     written last: status, final and initial accuracy, totals, versions
+    summary.json     status "running" at the start, rewritten last: status, final and initial
+                     accuracy, totals, versions
+    checkpoint.pt    the server state after the last completed round (fedtune run resume=RUN_DIR)
     adapter/         the final trainable state in peft format (PeftModel.from_pretrained)
 
 Every file is written to a temporary sibling and ``os.replace``-d into place.

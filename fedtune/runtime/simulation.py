@@ -74,8 +74,11 @@ def attach_cluster(cfg: RunConfig) -> dict[str, Any]:
     return info
 
 
-def simulate(cfg: RunConfig, out_dir: str | Path) -> dict[str, Any]:
-    """Run ``cfg`` in simulation, write ``out_dir``, return its ``summary.json``."""
+def simulate(cfg: RunConfig, out_dir: str | Path, resume: bool = False) -> dict[str, Any]:
+    """Run ``cfg`` in simulation, write ``out_dir``, return its ``summary.json``.
+
+    ``resume``: continue ``out_dir`` from its checkpoint (:func:`fedtune.flower.server_app.resume_point`).
+    """
     quiet_libraries(cfg.runtime.log_level)
     import ray
     from flwr.simulation import run_simulation
@@ -88,7 +91,7 @@ def simulate(cfg: RunConfig, out_dir: str | Path) -> dict[str, Any]:
     try:
         if cfg.runtime.ray_address:
             cluster = attach_cluster(cfg)
-        run_simulation(server_app=make_server_app(cfg, out_dir), client_app=make_client_app(cfg.to_dict()),
+        run_simulation(server_app=make_server_app(cfg, out_dir, resume), client_app=make_client_app(cfg.to_dict()),
                        num_supernodes=cfg.federation.num_clients, backend_config=backend_config(cfg))
     finally:
         if ray.is_initialized():
