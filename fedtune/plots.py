@@ -12,8 +12,12 @@ import json
 import math
 from collections import Counter
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from fedtune.results.store import read_metrics
+
+if TYPE_CHECKING:
+    from fedtune.results.study import StudyRun
 
 
 def _label(run_dir: Path) -> str:
@@ -65,3 +69,50 @@ def plot_runs(run_dirs: list[Path], out_dir: Path, title: str | None = None) -> 
         plt.close(fig)
         paths.append(path)
     return paths
+
+
+def plot_study(runs: list["StudyRun"], path: Path, title: str | None = None) -> Path:
+    """Accuracy against cumulative bytes for a study: one panel per partition, the seed
+    mean of each strategy with a ±1 std band, and the Pareto front over all of them."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from fedtune.results.study import mean_curve, pareto_front
+
+    partitions = sorted({r.partition for r in runs})
+    strategies = sorted({r.strategy for r in runs})
+    colours = {s: plt.get_cmap("tab10")(i % 10) for i, s in enumerate(strategies)}
+    fig, axes = plt.subplots(1, len(partitions), figsize=(6 * len(partitions), 4.5), squeeze=False, sharex=True, sharey=True)
+    for ax, partition in zip(axes[0], partitions):
+        points = []
+        for strategy in strategies:
+            group = [r for r in runs if r.partition == partition and r.strategy == strategy]
+            curve = [c for c in mean_curve(group) if c[0] > 0] if group else []  # round 0 sent nothing
+            if not curve:
+                continue
+            xs, ys, sd = zip(*curve)
+            ax.plot(xs, ys, marker="o", markersize=2.5, color=colours[strategy], label=f"{strategy} (n={len(group)})")
+            ax.fill_between(xs, [y - s for y, s in zip(ys, sd)], [y + s for y, s in zip(ys, sd)],
+                            color=colours[strategy], alpha=0.18, linewidth=0)
+            points += [(x, y, strategy) for x, y in zip(xs, ys)]
+        front = pareto_front(points)
+        if front:
+            ax.step([p[0] for p in front], [p[1] for p in front], where="post", color="black",
+                    linestyle="--", linewidth=1, label="Pareto front")
+        ax.set_xscale("log")
+        ax.set_xlabel("cumulative bytes on the wire (up + down)")
+        ax.set_title(partition)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7)
+    axes[0][0].set_ylabel("global test accuracy (mean ± std over seeds)")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    tmp.replace(path)  # atomic: never a half-written figure
+    return path

@@ -23,16 +23,22 @@ TEMPLATES = [
 ]
 
 
-def main() -> None:
-    rng = random.Random(7)
+def make_rows(per_topic: int = 120, seed: int = 7) -> list[dict[str, str]]:
+    """``4 · per_topic`` labelled sentences, shuffled; the same for the same arguments."""
+    rng = random.Random(seed)
     rows = []
     for topic, words in TOPICS.items():
-        for _ in range(120):
+        for _ in range(per_topic):
             t1, t2 = rng.sample(words, 2)
             f1, f2, f3, f4 = (rng.choice(FILLER) for _ in range(4))
             rows.append({"text": rng.choice(TEMPLATES).format(t1=t1, t2=t2, f1=f1, f2=f2, f3=f3, f4=f4),
                          "label": topic})
     rng.shuffle(rows)
+    return rows
+
+
+def main() -> None:
+    rows = make_rows()
     # JSON Lines, not CSV: Flower app bundles (FABs) carry only .py/.toml/.md/.yaml/.json(l)
     out = Path(__file__).resolve().parent.parent / "fedtune" / "data" / "files" / "tiny_topics.jsonl"
     with open(out, "w", encoding="utf-8") as fh:

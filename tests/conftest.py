@@ -23,20 +23,66 @@ import pytest  # noqa: E402
 SIMULATION_OVERRIDES = "model=tiny dataset=tiny federation.num_clients=4 num_rounds=3 seed=3 train.local_steps=8"
 
 
+def load_study_main():  # type: ignore[no-untyped-def]
+    """``main`` of ``simulations/study.py`` (a script, not a package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("study_script", Path(__file__).resolve().parent.parent
+                                                  / "simulations" / "study.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
+def study_args(root: Path) -> list[str]:
+    """``simulations/study.py`` arguments for one run of ``SIMULATION_OVERRIDES`` that the
+    server SIGKILLs after round 2's checkpoint (``faults.server_kill_round=2``)."""
+    extra = [o for o in SIMULATION_OVERRIDES.split() if not o.startswith(("seed=", "num_rounds="))]
+    return ["--out", str(root), "--strategies", "fedavg_lora", "--seeds", "3", "--partitions", "dir0.5",
+            "--rounds", "3", "--target", "0.3", *extra, "faults.server_kill_round=2"]
+
+
 @pytest.fixture(scope="session")
-def same_seed_runs(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
-    """Two real Ray simulations of ``SIMULATION_OVERRIDES`` (same seed), shared by the
-    end-to-end tests (tests/test_simulation.py) and the resume test (tests/test_resume.py),
-    so the suite pays for them once."""
+def killed_then_resumed(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """One run of ``SIMULATION_OVERRIDES`` driven by ``simulations/study.py`` through the
+    ``fedtune run`` CLI: the first call's server is SIGKILLed after round 2's checkpoint;
+    the second call finds it unfinished and continues it with ``fedtune run resume=…``.
+    Shared by the resume tests (tests/test_resume.py), the study tests
+    (tests/test_study.py), and as the second same-seed run of :func:`same_seed_runs`."""
+    import contextlib
+    import csv
+    import io
+    import json
+
+    from fedtune.results.checkpoint import load_checkpoint
+
+    main, root = load_study_main(), tmp_path_factory.mktemp("study")
+    run_dir = root / "dir0.5" / "fedavg_lora" / "seed3"
+    calls = []
+    for _ in range(2):
+        with contextlib.redirect_stdout(io.StringIO()) as out:
+            rc = main(study_args(root))
+        calls.append({"rc": rc, "stdout": out.getvalue(), "log": (run_dir.parent / "seed3.log").read_text()})
+        if len(calls) == 1:  # the state the kill left behind
+            calls[0].update(summary=json.loads((run_dir / "summary.json").read_text()),
+                            rounds=[r["round"] for r in csv.DictReader(open(run_dir / "metrics.csv"))],
+                            checkpoint_round=load_checkpoint(run_dir)["round"])
+    return {"root": root, "dir": run_dir, "killed": calls[0], "resumed": calls[1]}
+
+
+@pytest.fixture(scope="session")
+def same_seed_runs(tmp_path_factory: pytest.TempPathFactory, killed_then_resumed: dict) -> list[Path]:
+    """Two real Ray simulations of ``SIMULATION_OVERRIDES`` (same seed): one in this
+    process, one through the CLI, killed after round 2 and resumed in a new process
+    (:func:`killed_then_resumed`).  Shared by the end-to-end tests
+    (tests/test_simulation.py, tests/test_every_method_simulation.py) and the resume
+    test, so the suite pays for them once."""
     from fedtune.config import compose
     from fedtune.runtime.simulation import simulate
 
-    out = []
-    for i in range(2):
-        run_dir = tmp_path_factory.mktemp(f"run{i}")
-        simulate(compose(SIMULATION_OVERRIDES), run_dir)
-        out.append(run_dir)
-    return out
+    run_dir = tmp_path_factory.mktemp("run0")
+    simulate(compose(SIMULATION_OVERRIDES), run_dir)
+    return [run_dir, killed_then_resumed["dir"]]
 
 
 @pytest.fixture(autouse=True)

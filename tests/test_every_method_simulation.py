@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import SIMULATION_OVERRIDES
 
 from fedtune.config import compose
 from fedtune.evaluation import evaluate
@@ -23,7 +24,7 @@ BASE = ["model=tiny", "dataset=tiny", "federation.num_clients=3", "num_rounds=3"
 
 # name -> extra overrides that make the method quick on the tiny model
 CASES = {
-    "fedavg_lora": [],
+    "fedavg_lora": None,  # the shared same-seed run of conftest.py (SIMULATION_OVERRIDES)
     "lora_fair": [],
     "ffa_lora": [],
     "fedex_lora": [],
@@ -44,22 +45,34 @@ def test_every_registered_method_has_a_case() -> None:
     assert sorted(CASES) == METHODS.names()
 
 
+def _overrides(name: str) -> list[str]:
+    if CASES[name] is None:
+        return SIMULATION_OVERRIDES.split()
+    return [*BASE, f"strategy={name}", *CASES[name]]
+
+
 @pytest.mark.parametrize("name", sorted(CASES))
-def test_method_runs_end_to_end_and_learns(name: str, tmp_path: Path) -> None:
-    summary = simulate(compose([*BASE, f"strategy={name}", *CASES[name]]), tmp_path)
+def test_method_runs_end_to_end_and_learns(name: str, tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    cfg = compose(_overrides(name))
+    if CASES[name] is None:
+        run_dir = request.getfixturevalue("same_seed_runs")[0]
+        summary = json.loads((run_dir / "summary.json").read_text())
+    else:
+        run_dir = tmp_path
+        summary = simulate(cfg, run_dir)
+    clients, rounds = cfg.federation.num_clients, cfg.num_rounds
     assert summary["status"] == "completed" and summary["client_failures"] == 0
-    with open(tmp_path / "metrics.csv", newline="") as fh:
+    with open(run_dir / "metrics.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))
-    assert [int(r["num_replies"]) for r in rows[1:]] == [3, 3, 3]
+    assert [int(r["num_replies"]) for r in rows[1:]] == [clients] * rounds
     assert float(rows[-1]["eval_loss"]) < float(rows[0]["eval_loss"]), rows
-    with open(tmp_path / "ledger.csv", newline="") as fh:
+    with open(run_dir / "ledger.csv", newline="") as fh:
         train_up = [r for r in csv.DictReader(fh) if r["kind"] == "train" and r["direction"] == "up"]
-    assert len(train_up) == 9 and all(int(r["payload_bytes"]) > 0 for r in train_up)
-    summary_file = json.loads((tmp_path / "summary.json").read_text())
+    assert len(train_up) == clients * rounds and all(int(r["payload_bytes"]) > 0 for r in train_up)
+    summary_file = json.loads((run_dir / "summary.json").read_text())
     assert summary_file["strategy"] == name
     if name in PEFT_EXPORTS:  # the exported adapter (+ merged base delta) is the evaluated model
-        cfg = compose([*BASE, f"strategy={name}", *CASES[name]])
         ws = Workspace(cfg)
-        model = load_exported(MODELS.get("tiny").build(cfg.model, ws.data.num_labels, cfg.seed), tmp_path / "adapter")
+        model = load_exported(MODELS.get("tiny").build(cfg.model, ws.data.num_labels, cfg.seed), run_dir / "adapter")
         _, acc = evaluate(model, ws.encoded("test"), 64, ws.device)
         assert acc == pytest.approx(summary_file["final_accuracy"], abs=5e-7)

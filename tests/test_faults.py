@@ -304,7 +304,7 @@ def test_client_app_with_every_malformed_kind_and_exit(task_identity: None) -> N
 
 
 # ----------------------------------------------------------------------------- a real Ray simulation
-SIM = (f"{BASE} federation.num_clients=10 num_rounds=3 train.local_steps=4 "
+SIM = (f"{BASE} federation.num_clients=10 num_rounds=2 train.local_steps=4 "
        "faults.fraction=0.3 faults.modes=[raise,exit,nan_value]")
 
 
@@ -319,7 +319,7 @@ def test_simulation_with_30_percent_failing_clients(tmp_path: Path, capsys: pyte
     assert summary["status"] == "completed"
     with open(tmp_path / "metrics.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))
-    assert [int(r["round"]) for r in rows] == [0, 1, 2, 3]
+    assert [int(r["round"]) for r in rows] == [0, 1, 2]
     for r in rows[1:]:
         plan = fault_plan(cfg, int(r["round"]))
         assert r["failed_clients"] == ";".join(map(str, sorted(plan)))  # which clients
@@ -330,7 +330,7 @@ def test_simulation_with_30_percent_failing_clients(tmp_path: Path, capsys: pyte
     assert float(rows[-1]["eval_loss"]) < float(rows[0]["eval_loss"])  # the global model moved on
 
     saved = json.loads((tmp_path / "summary.json").read_text())
-    assert saved["client_failures"] == 9 and len(saved["failures"]) == 9
+    assert saved["client_failures"] == 6 and len(saved["failures"]) == 6
     for entry in saved["failures"]:  # and why
         mode = fault_plan(cfg, entry["round"])[entry["client"]]
         tag = f"injected fault '{mode}' (round {entry['round']}, client {entry['client']})"

@@ -3,7 +3,8 @@
 * Every method's whole server state survives ``checkpoint.pt`` (written and read back
   through the real file), and a restored FedKSeed-Pro / Ferret server aggregates the
   next round bit-identically to the one that never stopped.
-* End to end: ``fedtune run ... faults.server_kill_round=2`` SIGKILLs the server after
+* End to end (conftest.py, driven by ``simulations/study.py``): ``fedtune run ...
+  faults.server_kill_round=2`` SIGKILLs the server after
   round 2's checkpoint; ``fedtune run resume=RUN_DIR`` continues it, and the result has
   exactly the metrics and the adapter of the uninterrupted same-seed run of conftest.py.
 * A resume that cannot be exact (other settings, DP) is refused in one line.
@@ -13,16 +14,12 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import signal
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-from conftest import SIMULATION_OVERRIDES
 from safetensors.torch import load_file
 
 from fedtune.cli import main as cli_main
@@ -107,27 +104,11 @@ def test_a_restored_server_aggregates_the_next_round_identically(name: str, tmp_
 
 
 # ----------------------------------------------------------------------------- end to end
-def _fedtune(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "fedtune.cli", "run", *args], capture_output=True, text=True,
-                          timeout=900, env=os.environ.copy())
-
-
-@pytest.fixture(scope="module")
-def killed_then_resumed(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    run_dir = tmp_path_factory.mktemp("killed")
-    killed = _fedtune(*SIMULATION_OVERRIDES.split(), "faults.server_kill_round=2", f"hydra.run.dir={run_dir}")
-    after_kill = {"returncode": killed.returncode, "stdout": killed.stdout,
-                  "summary": json.loads((run_dir / "summary.json").read_text()),
-                  "rounds": [r["round"] for r in csv.DictReader(open(run_dir / "metrics.csv"))],
-                  "checkpoint_round": load_checkpoint(run_dir)["round"]}
-    resumed = _fedtune(f"resume={run_dir}")
-    return {"dir": run_dir, "after_kill": after_kill, "resumed": resumed}
-
-
 @pytest.mark.simulation
 def test_a_killed_run_stops_at_its_last_checkpoint(killed_then_resumed: dict[str, Any]) -> None:
-    state = killed_then_resumed["after_kill"]
-    assert state["returncode"] == -signal.SIGKILL, state["stdout"][-2000:]
+    state = killed_then_resumed["killed"]  # conftest.py: run by simulations/study.py through the CLI
+    assert state["rc"] == 1 and f"fedtune run exited {-signal.SIGKILL}" in state["stdout"], state["log"][-2000:]
+    assert "faults.server_kill_round=2: killing the server" in state["log"]
     assert state["summary"]["status"] == "running"  # never finished: no clean-up ran
     assert state["rounds"] == ["0", "1", "2"] and state["checkpoint_round"] == 2
 
@@ -136,8 +117,8 @@ def test_a_killed_run_stops_at_its_last_checkpoint(killed_then_resumed: dict[str
 def test_resumed_run_equals_the_uninterrupted_run(killed_then_resumed: dict[str, Any],
                                                   same_seed_runs: list[Path]) -> None:
     resumed, run_dir, reference = killed_then_resumed["resumed"], killed_then_resumed["dir"], same_seed_runs[0]
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "resumed after round 2" in resumed.stdout
+    assert resumed["rc"] == 0 and "seed 3: resumed" in resumed["stdout"], resumed["log"][-3000:]
+    assert "resumed after round 2" in resumed["log"]
     rows = [list(csv.DictReader(open(d / "metrics.csv"))) for d in (run_dir, reference)]
     wire = ("bytes_up", "bytes_down", "cumulative_bytes")  # envelopes carry random node ids (test_simulation)
     strip = lambda rs: [{k: v for k, v in r.items() if k not in TIMING_COLUMNS + wire} for r in rs]  # noqa: E731

@@ -1,0 +1,155 @@
+"""Aggregate a study: many completed run directories → one table and mean curves.
+
+A study directory holds ``<partition>/<strategy>/seed<k>/`` run directories (what
+``simulations/study.py`` writes).  Per (partition, strategy) over the seeds this computes
+the final accuracy mean ± std, the payload bytes per client-round of the training
+exchange (ledger kind ``train``; one-time set-up traffic such as Fed-SB's bases is
+reported apart), the wire bytes needed to first reach a target accuracy, and the median
+seconds per round; and the mean accuracy-vs-cumulative-bytes curve with its seed band,
+from which :func:`pareto_front` keeps the points no other point beats on both axes.
+Reads results only, so a study can be re-reported at any time.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import statistics
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+from fedtune.results.store import read_metrics
+
+
+@dataclass
+class StudyRun:
+    """One completed run of the study."""
+
+    partition: str
+    strategy: str
+    seed: int
+    rows: list[dict[str, str]]  # metrics.csv
+    ledger: list[dict[str, str]]  # ledger.csv
+
+
+def run_dir(root: Path, partition: str, strategy: str, seed: int) -> Path:
+    """Where the study keeps one run (the one layout reader and runner share)."""
+    return Path(root) / partition / strategy / f"seed{seed}"
+
+
+def run_status(path: Path) -> str:
+    """``completed``, ``running`` / ``failed`` (as summary.json says), or ``missing``."""
+    summary = Path(path) / "summary.json"
+    if not summary.is_file():
+        return "missing"
+    return str(json.loads(summary.read_text()).get("status", "missing"))
+
+
+def collect(root: Path) -> list[StudyRun]:
+    """Every completed run under ``root`` (others are skipped: the table covers what finished)."""
+    runs = []
+    for summary in sorted(Path(root).glob("*/*/seed*/summary.json")):
+        d = summary.parent
+        if run_status(d) != "completed":
+            continue
+        with open(d / "ledger.csv", newline="") as fh:
+            ledger = list(csv.DictReader(fh))
+        runs.append(StudyRun(d.parent.parent.name, d.parent.name, int(d.name[4:]), read_metrics(d), ledger))
+    return runs
+
+
+def _evaluated(rows: list[dict[str, str]]) -> list[dict[str, str]]:
+    return [r for r in rows if r["eval_accuracy"] not in ("", "nan") and not math.isnan(float(r["eval_accuracy"]))]
+
+
+def bytes_to_target(rows: list[dict[str, str]], target: float) -> int | None:
+    """Cumulative wire bytes at the first evaluated round with accuracy ≥ ``target`` (None: never)."""
+    for r in _evaluated(rows):
+        if float(r["eval_accuracy"]) >= target:
+            return int(r["cumulative_bytes"])
+    return None
+
+
+def payload_per_client_round(ledger: list[dict[str, str]], direction: str) -> float:
+    """Mean payload bytes of one client's training message in ``direction`` (``up``/``down``)."""
+    sizes = [int(r["payload_bytes"]) for r in ledger
+             if r["kind"] == "train" and r["direction"] == direction and int(r["payload_bytes"]) > 0]
+    return statistics.fmean(sizes) if sizes else 0.0
+
+
+def _std(values: list[float]) -> float:
+    return statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def summarise(runs: list[StudyRun], target: float) -> list[dict[str, object]]:
+    """One row per (partition, strategy), sorted: the study table."""
+    groups: dict[tuple[str, str], list[StudyRun]] = defaultdict(list)
+    for run in runs:
+        groups[(run.partition, run.strategy)].append(run)
+    table = []
+    for (partition, strategy), group in sorted(groups.items()):
+        finals = [float(_evaluated(r.rows)[-1]["eval_accuracy"]) for r in group]
+        reach = [b for r in group if (b := bytes_to_target(r.rows, target)) is not None]
+        per_round = [statistics.median(float(x["round_seconds"]) for x in r.rows[1:]) for r in group if len(r.rows) > 1]
+        one_time = [sum(int(x["wire_bytes"]) for x in r.ledger if x["kind"] == "one_time") for r in group]
+        table.append({
+            "partition": partition, "strategy": strategy, "seeds": len(group),
+            "rounds": max(int(r.rows[-1]["round"]) for r in group),
+            "final_accuracy_mean": statistics.fmean(finals), "final_accuracy_std": _std(finals),
+            "payload_up_per_client_round": statistics.fmean(payload_per_client_round(r.ledger, "up") for r in group),
+            "payload_down_per_client_round": statistics.fmean(payload_per_client_round(r.ledger, "down") for r in group),
+            "one_time_bytes": statistics.fmean(one_time),
+            "total_bytes": statistics.fmean(int(r.rows[-1]["cumulative_bytes"]) for r in group),
+            "target_accuracy": target, "seeds_reaching_target": len(reach),
+            "bytes_to_target_mean": statistics.fmean(reach) if reach else None,
+            "seconds_per_round_median": statistics.median(per_round) if per_round else None,
+        })
+    return table
+
+
+def mean_curve(group: list[StudyRun]) -> list[tuple[float, float, float]]:
+    """Per evaluated round present in every seed: (mean cumulative bytes, mean acc., std acc.)."""
+    by_round = [{int(r["round"]): r for r in _evaluated(run.rows)} for run in group]
+    common = sorted(set.intersection(*(set(b) for b in by_round)))
+    out = []
+    for rnd in common:
+        accs = [float(b[rnd]["eval_accuracy"]) for b in by_round]
+        out.append((statistics.fmean(int(b[rnd]["cumulative_bytes"]) for b in by_round),
+                    statistics.fmean(accs), _std(accs)))
+    return out
+
+
+def pareto_front(points: list[tuple[float, float, str]]) -> list[tuple[float, float, str]]:
+    """The (bytes, accuracy, label) points that no other point dominates (no more bytes and
+    no less accuracy, one of them strictly), sorted by bytes: the best accuracy each byte
+    budget can buy across the methods."""
+    front: list[tuple[float, float, str]] = []
+    for b, a, label in sorted(points, key=lambda p: (p[0], -p[1])):
+        if not front or a > front[-1][1]:
+            front.append((b, a, label))
+    return front
+
+
+def _fmt_bytes(n: float | None) -> str:
+    if n is None:
+        return "not reached"
+    return f"{n / 1e6:.2f} MB" if n >= 1e5 else f"{n / 1e3:.1f} kB"
+
+
+def markdown_table(table: list[dict[str, object]]) -> str:
+    """The study table as Markdown (one line per partition × strategy)."""
+    target = table[0]["target_accuracy"] if table else 0.0
+    lines = [f"| partition | strategy | seeds | final acc. (mean ± std) | payload up / down per client-round "
+             f"| one-time bytes | total bytes | bytes to acc. ≥ {target:g} (seeds reaching) | median s/round |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in table:
+        spr = r["seconds_per_round_median"]
+        lines.append(
+            f"| {r['partition']} | `{r['strategy']}` | {r['seeds']} | {r['final_accuracy_mean']:.3f} ± "
+            f"{r['final_accuracy_std']:.3f} | {r['payload_up_per_client_round']:,.0f} / "
+            f"{r['payload_down_per_client_round']:,.0f} B | {_fmt_bytes(r['one_time_bytes']) if r['one_time_bytes'] else '0'} "
+            f"| {_fmt_bytes(r['total_bytes'])} | {_fmt_bytes(r['bytes_to_target_mean'])} "
+            f"({r['seeds_reaching_target']}/{r['seeds']}) | {'–' if spr is None else f'{spr:.1f}'} |")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,124 @@
+"""Scale: peak memory and seconds per round for 10, 1,000 and 10,000 virtual clients.
+
+Each setting is one ``fedtune run`` (Flower simulation on Ray, tiny model, IID partition
+of one synthetic topic dataset of 31,252 sentences, the same for every N) with 10 clients
+sampled per round, so the work per round is the same and only the number of virtual
+clients changes.  While it runs, the whole process tree (the driver, Ray's GCS and raylet,
+the client actors) is sampled every 0.2 s; its memory is the sum of the processes'
+proportional set sizes (PSS: shared pages divided among their users, so nothing is
+counted twice).  Round 1 includes the roll-call, one query per virtual client, and is
+reported apart from the steady rounds.
+
+Run::
+
+    .venv/bin/python simulations/bench_scale.py --out simulations/results/bench_scale
+    .venv/bin/python simulations/bench_scale.py --clients 10 1000 --rounds 3 --out /tmp/scale  # quick look
+
+Writes ``scale.json`` (atomically) and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from make_tiny_dataset import make_rows  # noqa: E402  (a sibling script, not a package)
+
+ROWS_PER_TOPIC = 7_813  # 31,252 rows: 25,001 for training after the 20 % test split, > 2 per client at 10,000
+
+
+def _children() -> dict[int, list[int]]:
+    tree: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as fh:
+                    ppid = int(fh.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            tree.setdefault(ppid, []).append(int(entry))
+    return tree
+
+
+def tree_pss_bytes(root: int) -> int:
+    """Sum of PSS over ``root`` and all its descendants (0 for processes gone meanwhile)."""
+    tree, todo, total = _children(), [root], 0
+    while todo:
+        pid = todo.pop()
+        todo.extend(tree.get(pid, []))
+        try:
+            with open(f"/proc/{pid}/smaps_rollup") as fh:
+                total += next(int(line.split()[1]) for line in fh if line.startswith("Pss:")) * 1024
+        except (OSError, StopIteration):
+            pass
+    return total
+
+
+def run_one(num_clients: int, rounds: int, data: Path, out: Path) -> dict:
+    overrides = ["model=tiny", "dataset=csv", f"dataset.path={data}", f"federation.num_clients={num_clients}",
+                 f"federation.fraction={10 / num_clients}", "federation.min_clients=10", "partition.kind=iid",
+                 "partition.min_partition_size=1", f"num_rounds={rounds}", f"eval.every={rounds}",
+                 f"hydra.run.dir={out}"]
+    cli = Path(sys.executable).with_name("fedtune")
+    t0 = time.perf_counter()
+    proc = subprocess.Popen([str(cli), "run", *overrides])
+    peak, done = 0, threading.Event()
+
+    def sample() -> None:
+        nonlocal peak
+        while not done.is_set():
+            peak = max(peak, tree_pss_bytes(proc.pid))
+            done.wait(0.2)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    rc = proc.wait()
+    done.set()
+    sampler.join()
+    if rc != 0:
+        raise SystemExit(f"bench_scale: fedtune run with {num_clients} clients exited {rc}")
+    from fedtune.results.store import read_metrics
+
+    rows = read_metrics(out)
+    secs = [float(r["round_seconds"]) for r in rows[1:]]
+    return {"num_clients": num_clients, "peak_pss_mb": peak / 2**20, "round1_s": secs[0],
+            "median_round_s_after_1": statistics.median(secs[1:]) if len(secs) > 1 else None,
+            "total_s": time.perf_counter() - t0, "final_accuracy": float(rows[-1]["eval_accuracy"])}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--clients", type=int, nargs="+", default=[10, 1_000, 10_000])
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--out", type=Path, default=Path("simulations/results/bench_scale"))
+    args = p.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    args.out.mkdir(parents=True, exist_ok=True)
+    data = args.out / "topics_31k.jsonl"
+    with open(data, "w", encoding="utf-8") as fh:
+        fh.writelines(json.dumps(row) + "\n" for row in make_rows(per_topic=ROWS_PER_TOPIC, seed=11))
+    results = [run_one(n, args.rounds, data, args.out / f"clients_{n}") for n in args.clients]
+    data.unlink()
+    from fedtune.results.store import atomic_write_text
+
+    atomic_write_text(args.out / "scale.json", json.dumps({"rounds": args.rounds, "cpus": os.cpu_count(),
+                                                           "results": results}, indent=2) + "\n")
+    base = results[0]
+    print(f"{'clients':>8} {'peak PSS MB':>12} {'x first':>8} {'round 1 s':>10} {'s/round (2..)':>14} {'total s':>8}")
+    for r in results:
+        steady = r["median_round_s_after_1"]
+        print(f"{r['num_clients']:>8} {r['peak_pss_mb']:>12.0f} {r['peak_pss_mb'] / base['peak_pss_mb']:>8.2f} "
+              f"{r['round1_s']:>10.2f} {steady if steady is None else f'{steady:.2f}':>14} {r['total_s']:>8.1f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
