@@ -24,6 +24,7 @@ import argparse
 import json
 import math
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -31,6 +32,22 @@ from pathlib import Path
 
 BENCH_OVERRIDES = ["federation.num_clients=100", "federation.fraction=0.1", "partition.kind=iid",
                    "partition.min_partition_size=5"]
+
+
+def flower_serialization_seconds(downlink: dict, upload: dict) -> float:
+    """Time Flower's own (de)serialization of one client's arrays, both ways.
+
+    ``ArrayRecord`` turns each tensor into npy bytes and ``to_torch_state_dict`` back;
+    this is the serialization a message costs on top of Ray's transport.  Measured here,
+    outside the bare loop's round times, so the bare loop stays bare.
+    """
+    from flwr.app import ArrayRecord
+
+    t = time.perf_counter()
+    for arrays in (downlink, upload):
+        if arrays:
+            ArrayRecord({k: v.detach().cpu() for k, v in arrays.items()}).to_torch_state_dict()
+    return time.perf_counter() - t
 
 
 def bare_loop(overrides: list[str]) -> dict:
@@ -62,20 +79,26 @@ def bare_loop(overrides: list[str]) -> dict:
 
     acc0 = central_eval(0)
     setup_s = time.perf_counter() - t0
-    rounds = []
+    rounds, serialize_s = [], 0.0
     for r in range(1, cfg.num_rounds + 1):
-        t = time.perf_counter()
+        t, round_serialize_s = time.perf_counter(), 0.0
         updates = []
         for pid in sample_partitions(cfg.seed, r, pids, cfg.federation.clients_per_round):
             ctx = TrainContext(server_round=r, partition_id=pid, device=ws.device, state=states.setdefault(pid, {}))
-            upload, metrics = ws.trainer.train(model, strategy.downlink(r, pid), ws, ctx)
+            downlink = strategy.downlink(r, pid)
+            upload, metrics = ws.trainer.train(model, downlink, ws, ctx)
+            round_serialize_s += flower_serialization_seconds(downlink, upload)
             updates.append(ClientUpdate(pid, int(metrics["num-examples"]), upload, dict(metrics)))
         strategy.global_arrays = strategy.aggregate(r, updates)  # as aggregate_train does
         train_loss = sum(u.metrics["train-loss"] * u.num_examples for u in updates) / sum(u.num_examples for u in updates)
         acc = central_eval(r)
-        rounds.append({"round": r, "seconds": time.perf_counter() - t, "train_loss": train_loss, "accuracy": acc})
-    return {"setup_seconds": setup_s, "initial_accuracy": acc0, "rounds": rounds,
-            "total_seconds": time.perf_counter() - t0}
+        serialize_s += round_serialize_s  # timed apart: not part of the bare loop
+        rounds.append({"round": r, "seconds": time.perf_counter() - t - round_serialize_s, "train_loss": train_loss,
+                       "accuracy": acc})
+    import torch
+
+    return {"torch_threads": torch.get_num_threads(), "serialization_seconds": serialize_s, "setup_seconds": setup_s,
+            "initial_accuracy": acc0, "rounds": rounds, "total_seconds": time.perf_counter() - t0 - serialize_s}
 
 
 def fedtune_run(overrides: list[str], run_dir: Path) -> dict:
@@ -92,24 +115,41 @@ def fedtune_run(overrides: list[str], run_dir: Path) -> dict:
 
 
 def report(bare: dict, fed: dict) -> dict:
+    """Ratio, and where fedtune's extra time goes.
+
+    fedtune's time splits into start-up + shutdown (launch to round 0's row: imports,
+    Hydra, Ray, the server's model and round-0 evaluation; after the last row: Ray
+    shutdown), round 1's extra over a steady round (each actor imports torch and
+    transformers, loads the model and tokenizes its data once), and steady rounds
+    (messages, serialization and Ray dispatch, next to the training itself).
+    """
     rows = fed["rows"]
     fed_rounds = [float(r["round_seconds"]) for r in rows[1:]]
     bare_rounds = [r["seconds"] for r in bare["rounds"]]
     rounds_total = float(rows[-1]["wall_seconds"]) - float(rows[0]["wall_seconds"])
-    startup = fed["total_seconds"] - rounds_total
+    before_round1 = fed["total_seconds"] - rounds_total
     losses = [(float(r["train_loss"]), b["train_loss"]) for r, b in zip(rows[1:], bare["rounds"])]
-    out = {
+    # steady rounds: not round 1 (actor start-up) and not the last (the only evaluation)
+    steady = fed_rounds[1:-1] or fed_rounds
+    bare_steady = bare_rounds[1:-1] or bare_rounds
+    return {
         "ratio": fed["total_seconds"] / bare["total_seconds"],
-        "bare": {"total_s": bare["total_seconds"], "setup_and_round0_eval_s": bare["setup_seconds"],
-                 "rounds_s": sum(bare_rounds), "median_round_s": sorted(bare_rounds)[len(bare_rounds) // 2]},
-        "fedtune": {"total_s": fed["total_seconds"], "startup_shutdown_and_round0_eval_s": startup,
-                    "rounds_s": rounds_total, "median_round_s": sorted(fed_rounds)[len(fed_rounds) // 2],
-                    "aggregate_s": sum(float(r["aggregate_seconds"]) for r in rows[1:])},
+        "bare": {"torch_threads": bare["torch_threads"], "total_s": bare["total_seconds"],
+                 "setup_and_round0_eval_s": bare["setup_seconds"],
+                 "rounds_s": sum(bare_rounds), "median_steady_round_s": statistics.median(bare_steady),
+                 "round_seconds": bare_rounds},
+        "fedtune": {"total_s": fed["total_seconds"], "startup_shutdown_and_round0_eval_s": before_round1,
+                    "rounds_s": rounds_total, "round1_s": fed_rounds[0],
+                    "round1_extra_s": fed_rounds[0] - statistics.median(steady),
+                    "median_steady_round_s": statistics.median(steady),
+                    "aggregate_s": sum(float(r["aggregate_seconds"]) for r in rows[1:]),
+                    "round_seconds": fed_rounds},
+        "flower_serialization_s_per_round": bare["serialization_seconds"] / len(bare_rounds),
         "per_round_overhead_s": (rounds_total - sum(bare_rounds)) / len(bare_rounds),
+        "steady_round_ratio": statistics.median(steady) / statistics.median(bare_steady),
         "max_train_loss_difference": max(abs(a - b) for a, b in losses),
         "final_accuracy": {"bare": bare["rounds"][-1]["accuracy"], "fedtune": float(rows[-1]["eval_accuracy"])},
     }
-    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -131,10 +171,14 @@ def main(argv: list[str] | None = None) -> int:
     atomic_write_text(args.out / "overhead.json", json.dumps(res, indent=2) + "\n")
     b, f = res["bare"], res["fedtune"]
     print(f"bare loop : {b['total_s']:7.1f} s (setup + round-0 eval {b['setup_and_round0_eval_s']:.1f} s, "
-          f"rounds {b['rounds_s']:.1f} s, median {b['median_round_s']:.2f} s/round)")
+          f"rounds {b['rounds_s']:.1f} s, steady {b['median_steady_round_s']:.2f} s/round)")
     print(f"fedtune   : {f['total_s']:7.1f} s (start-up/shutdown + round-0 eval {f['startup_shutdown_and_round0_eval_s']:.1f} s, "
-          f"rounds {f['rounds_s']:.1f} s, median {f['median_round_s']:.2f} s/round, aggregate {f['aggregate_s']:.2f} s)")
-    print(f"ratio {res['ratio']:.3f}; per-round overhead {res['per_round_overhead_s']:+.2f} s; "
+          f"rounds {f['rounds_s']:.1f} s of which round 1's actor start-up {f['round1_extra_s']:.1f} s, "
+          f"steady {f['median_steady_round_s']:.2f} s/round, aggregate {f['aggregate_s']:.2f} s)")
+    print(f"Flower (de)serialization of the round's arrays: {res['flower_serialization_s_per_round']:.3f} s/round; "
+          f"bare loop ran torch with {b['torch_threads']} threads, fedtune's actors with 1 each")
+    print(f"ratio {res['ratio']:.3f} (steady rounds {res['steady_round_ratio']:.3f}); "
+          f"per-round overhead {res['per_round_overhead_s']:+.2f} s; "
           f"max |train-loss difference| {res['max_train_loss_difference']:.2e}; "
           f"final accuracy bare {res['final_accuracy']['bare']:.4f} fedtune {res['final_accuracy']['fedtune']:.4f}")
     return 0
