@@ -43,12 +43,18 @@ PARTITIONS = {
     "dir0.5": ["partition.kind=dirichlet", "partition.alpha=0.5"],
     "iid": ["partition.kind=iid"],
 }
-# Per-strategy settings of the study (README, "Seed-based methods"): FedKSeed's lr 1e-3
-# diverges on MiniLM, 1e-4 is the largest stable value; K=1024 keeps its direction bank in memory.
-STRATEGY_OVERRIDES = {
+# Per-strategy settings of the study on the default model, MiniLM (README, "Seed-based
+# methods"): FedKSeed's lr 1e-3 diverges there, 1e-4 is the largest stable value; K=1024
+# keeps its direction bank in memory.  Another model (model=tiny) uses the configs' defaults.
+MINILM_STRATEGY_OVERRIDES = {
     "fedkseed": ["strategy.num_seeds=1024", "strategy.lr=1e-4"],
     "fedkseed_pro": ["strategy.num_seeds=1024", "strategy.lr=1e-4"],
 }
+
+
+def strategy_overrides(strategy: str, extra: list[str]) -> list[str]:
+    models = [o.split("=", 1)[1] for o in extra if o.startswith("model=")]
+    return MINILM_STRATEGY_OVERRIDES.get(strategy, []) if models in ([], ["minilm"]) else []
 
 
 def run_one(out: Path, partition: str, strategy: str, seed: int, rounds: int, extra: list[str]) -> str:
@@ -63,7 +69,7 @@ def run_one(out: Path, partition: str, strategy: str, seed: int, rounds: int, ex
     else:
         shutil.rmtree(d, ignore_errors=True)  # failed or never checkpointed: start afresh
         cmd = [*cli, f"strategy={strategy}", f"seed={seed}", f"num_rounds={rounds}", *PARTITIONS[partition],
-               *STRATEGY_OVERRIDES.get(strategy, []), *extra, f"hydra.run.dir={d}"]
+               *strategy_overrides(strategy, extra), *extra, f"hydra.run.dir={d}"]
         done = "ran"
     log = d.parent / f"seed{seed}.log"
     log.parent.mkdir(parents=True, exist_ok=True)

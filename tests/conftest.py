@@ -23,15 +23,20 @@ import pytest  # noqa: E402
 SIMULATION_OVERRIDES = "model=tiny dataset=tiny federation.num_clients=4 num_rounds=3 seed=3 train.local_steps=8"
 
 
-def load_study_main():  # type: ignore[no-untyped-def]
-    """``main`` of ``simulations/study.py`` (a script, not a package)."""
+def load_study_module():  # type: ignore[no-untyped-def]
+    """``simulations/study.py`` as a module (a script, not a package)."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("study_script", Path(__file__).resolve().parent.parent
                                                   / "simulations" / "study.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.main
+    return module
+
+
+def load_study_main():  # type: ignore[no-untyped-def]
+    """``main`` of ``simulations/study.py``."""
+    return load_study_module().main
 
 
 def study_args(root: Path) -> list[str]:

@@ -8,7 +8,7 @@ import json
 import statistics
 
 import pytest
-from conftest import load_study_main, study_args
+from conftest import load_study_main, load_study_module, study_args
 
 from fedtune.results.study import (StudyRun, bytes_to_target, collect, mean_curve, pareto_front,
                                    payload_per_client_round, summarise)
@@ -98,3 +98,13 @@ def test_study_refuses_an_unknown_strategy(capsys) -> None:
         load_study_main()(["--strategies", "fedavg", "--report-only"])
     assert exc.value.code == 2
     assert "--strategies: unknown fedavg; accepted:" in capsys.readouterr().err
+
+
+def test_study_tunes_fedkseed_for_minilm_only() -> None:
+    """FedKSeed's MiniLM settings (lr 1e-4: 1e-3 diverges there) must not leak into a study
+    on another model, which keeps the strategy config's defaults."""
+    overrides = load_study_module().strategy_overrides
+    assert "strategy.lr=1e-4" in overrides("fedkseed", [])
+    assert "strategy.lr=1e-4" in overrides("fedkseed_pro", ["model=minilm", "seed=3"])
+    assert overrides("fedkseed", ["model=tiny", "dataset=tiny"]) == []
+    assert overrides("fedavg_lora", []) == []
