@@ -79,7 +79,7 @@ def bare_loop(overrides: list[str]) -> dict:
 
     acc0 = central_eval(0)
     setup_s = time.perf_counter() - t0
-    rounds, serialize_s = [], 0.0
+    rounds = []
     for r in range(1, cfg.num_rounds + 1):
         t, round_serialize_s = time.perf_counter(), 0.0
         updates = []
@@ -92,13 +92,13 @@ def bare_loop(overrides: list[str]) -> dict:
         strategy.global_arrays = strategy.aggregate(r, updates)  # as aggregate_train does
         train_loss = sum(u.metrics["train-loss"] * u.num_examples for u in updates) / sum(u.num_examples for u in updates)
         acc = central_eval(r)
-        serialize_s += round_serialize_s  # timed apart: not part of the bare loop
-        rounds.append({"round": r, "seconds": time.perf_counter() - t - round_serialize_s, "train_loss": train_loss,
-                       "accuracy": acc})
+        rounds.append({"round": r, "seconds": time.perf_counter() - t - round_serialize_s,  # timed apart
+                       "serialization_seconds": round_serialize_s, "train_loss": train_loss, "accuracy": acc})
     import torch
 
-    return {"torch_threads": torch.get_num_threads(), "serialization_seconds": serialize_s, "setup_seconds": setup_s,
-            "initial_accuracy": acc0, "rounds": rounds, "total_seconds": time.perf_counter() - t0 - serialize_s}
+    serialize_s = sum(r["serialization_seconds"] for r in rounds)
+    return {"torch_threads": torch.get_num_threads(), "setup_seconds": setup_s, "initial_accuracy": acc0,
+            "rounds": rounds, "total_seconds": time.perf_counter() - t0 - serialize_s}
 
 
 def fedtune_run(overrides: list[str], run_dir: Path) -> dict:
@@ -144,7 +144,7 @@ def report(bare: dict, fed: dict) -> dict:
                     "median_steady_round_s": statistics.median(steady),
                     "aggregate_s": sum(float(r["aggregate_seconds"]) for r in rows[1:]),
                     "round_seconds": fed_rounds},
-        "flower_serialization_s_per_round": bare["serialization_seconds"] / len(bare_rounds),
+        "flower_serialization_s_per_round": statistics.fmean(r["serialization_seconds"] for r in bare["rounds"]),
         "per_round_overhead_s": (rounds_total - sum(bare_rounds)) / len(bare_rounds),
         "steady_round_ratio": statistics.median(steady) / statistics.median(bare_steady),
         "max_train_loss_difference": max(abs(a - b) for a, b in losses),
