@@ -26,6 +26,7 @@ Extra positional arguments are fedtune overrides applied to every run.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import shutil
 import subprocess
@@ -33,6 +34,7 @@ import sys
 import time
 from pathlib import Path
 
+from fedtune.config import compose
 from fedtune.plots import plot_study
 from fedtune.registry import METHODS
 from fedtune.results.store import atomic_write_text, csv_text
@@ -52,9 +54,15 @@ MINILM_STRATEGY_OVERRIDES = {
 }
 
 
+@functools.lru_cache(maxsize=8)
+def _model_name(extra: tuple[str, ...]) -> str:
+    return compose(list(extra)).model.name  # the config decides the default model, not this script
+
+
 def strategy_overrides(strategy: str, extra: list[str]) -> list[str]:
-    models = [o.split("=", 1)[1] for o in extra if o.startswith("model=")]
-    return MINILM_STRATEGY_OVERRIDES.get(strategy, []) if models in ([], ["minilm"]) else []
+    if strategy not in MINILM_STRATEGY_OVERRIDES or _model_name(tuple(extra)) != "minilm":
+        return []
+    return MINILM_STRATEGY_OVERRIDES[strategy]
 
 
 def run_one(out: Path, partition: str, strategy: str, seed: int, rounds: int, extra: list[str]) -> str:
