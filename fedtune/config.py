@@ -118,6 +118,9 @@ class EvalConfig:
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
+NODE_MAPS = ("engine", "rollcall")  # how a simulation's server learns node id -> partition id
+
+
 @dataclass
 class RuntimeConfig:
     """Where clients run.  Ray is capped to this machine and shut down after every run."""
@@ -129,6 +132,8 @@ class RuntimeConfig:
     ray_object_store_mb: int = 256
     ray_address: str | None = None
     log_level: str = "WARNING"  # Flower's own logger; fedtune prints one line per round
+    fast_message_pump: bool = True  # simulation: O(messages) dispatch, not O(clients × messages)
+    node_map: str = "engine"  # simulation: engine (read the engine's node map) | rollcall (ask every node)
 
     def __post_init__(self) -> None:
         if self.device not in ("auto", "cpu", "cuda"):
@@ -141,6 +146,8 @@ class RuntimeConfig:
             raise ValueError(f"ray_num_cpus must be >= 1, got {self.ray_num_cpus}")
         if self.ray_object_store_mb < 64:
             raise ValueError(f"ray_object_store_mb must be >= 64, got {self.ray_object_store_mb}")
+        if self.node_map not in NODE_MAPS:
+            raise ValueError(f"node_map: unknown {self.node_map!r}; accepted: {', '.join(NODE_MAPS)}")
         if self.log_level.upper() not in LOG_LEVELS:
             raise ValueError(f"log_level: unknown {self.log_level!r}; accepted: {', '.join(LOG_LEVELS)}")
         if not self.ray_address and self.ray_num_cpus is not None and self.client_num_cpus > self.ray_num_cpus:

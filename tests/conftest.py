@@ -21,6 +21,26 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 
 SIMULATION_OVERRIDES = "model=tiny dataset=tiny federation.num_clients=4 num_rounds=3 seed=3 train.local_steps=8"
+# Flower's own simulation path: a roll-call to learn the node map, Flower's message loop
+# (fedtune's default reads the engine's node map and pumps messages in one pass).
+STOCK_ENGINE = "runtime.node_map=rollcall runtime.fast_message_pump=false"
+
+
+def without_control(run_dir: Path) -> list[dict[str, str]]:
+    """``metrics.csv`` rows with the roll-call's "control" traffic taken out of the byte
+    columns, so a run that held one compares with a run that read the engine's map."""
+    import csv
+
+    rows = list(csv.DictReader(open(run_dir / "metrics.csv", newline="")))
+    for rec in csv.DictReader(open(run_dir / "ledger.csv", newline="")):
+        if rec["kind"] == "control":
+            for row in rows:
+                if int(row["round"]) >= int(rec["server_round"]):
+                    row["cumulative_bytes"] = str(int(row["cumulative_bytes"]) - int(rec["wire_bytes"]))
+                if row["round"] == rec["server_round"]:
+                    key = f"bytes_{rec['direction']}"
+                    row[key] = str(int(row[key]) - int(rec["wire_bytes"]))
+    return rows
 
 
 def load_study_module():  # type: ignore[no-untyped-def]
@@ -78,15 +98,16 @@ def killed_then_resumed(tmp_path_factory: pytest.TempPathFactory) -> dict:
 @pytest.fixture(scope="session")
 def same_seed_runs(tmp_path_factory: pytest.TempPathFactory, killed_then_resumed: dict) -> list[Path]:
     """Two real Ray simulations of ``SIMULATION_OVERRIDES`` (same seed): one in this
-    process, one through the CLI, killed after round 2 and resumed in a new process
-    (:func:`killed_then_resumed`).  Shared by the end-to-end tests
+    process on Flower's own path (``STOCK_ENGINE``: roll-call, Flower's message loop),
+    one through the CLI on fedtune's defaults, killed after round 2 and resumed in a new
+    process (:func:`killed_then_resumed`).  Shared by the end-to-end tests
     (tests/test_simulation.py, tests/test_every_method_simulation.py) and the resume
     test, so the suite pays for them once."""
     from fedtune.config import compose
     from fedtune.runtime.simulation import simulate
 
     run_dir = tmp_path_factory.mktemp("run0")
-    simulate(compose(SIMULATION_OVERRIDES), run_dir)
+    simulate(compose(f"{SIMULATION_OVERRIDES} {STOCK_ENGINE}"), run_dir)
     return [run_dir, killed_then_resumed["dir"]]
 
 

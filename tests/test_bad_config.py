@@ -70,6 +70,9 @@ CASES: list[tuple[str, str, str]] = [
     ("runtime.ray_num_cpus=0", "runtime.ray_num_cpus", "runtime.ray_num_cpus must be >= 1, got 0"),
     ("runtime.log_level=LOUD", "runtime.log_level",  # gap: silently WARNING
      "runtime.log_level: unknown 'LOUD'; accepted: DEBUG, INFO, WARNING, ERROR, CRITICAL"),
+    ("runtime.node_map=guess", "runtime.node_map", "runtime.node_map: unknown 'guess'; accepted: engine, rollcall"),
+    ("runtime.fast_message_pump=maybe", "runtime.fast_message_pump",
+     "runtime.fast_message_pump must be true or false, got 'maybe'"),
     # model
     ("model.lora.alpha=inf", "model.lora.alpha", "model.lora.alpha must be a positive finite number, got inf"),  # gap
     ("model.lora.dropout=1", "model.lora.dropout", "model.lora.dropout must be in [0, 1), got 1.0"),

@@ -78,9 +78,18 @@ def check_completed(out: Path, logs: str = "") -> dict:
 
 
 def payloads(run_dir: Path) -> list[tuple[str, ...]]:
-    """Per message: (round, partition, direction, kind, payload bytes); wire bytes carry ids that differ."""
+    """Per method message: (round, partition, direction, kind, payload bytes); wire bytes
+    carry ids that differ.  The roll-call ("control") is left out: a deployment holds one,
+    a ``fedtune run`` simulation reads the engine's node map instead."""
     rows = read_csv(run_dir / "ledger.csv")
-    return sorted((r["server_round"], r["partition_id"], r["direction"], r["kind"], r["payload_bytes"]) for r in rows)
+    return sorted((r["server_round"], r["partition_id"], r["direction"], r["kind"], r["payload_bytes"])
+                  for r in rows if r["kind"] != "control")
+
+
+def rollcall(run_dir: Path) -> list[tuple[str, ...]]:
+    """The roll-call's messages: (round, partition, direction, payload bytes)."""
+    return sorted((r["server_round"], r["partition_id"], r["direction"], r["payload_bytes"])
+                  for r in read_csv(run_dir / "ledger.csv") if r["kind"] == "control")
 
 
 def wait_for(proc: subprocess.Popen, timeout: float) -> int:
@@ -255,6 +264,8 @@ def test_deployment_runs_the_same_app_with_the_same_bytes(federation: Federation
         assert [r["num_replies"] for r in rows[1:]] == ["3", "3"], name
         assert [r["num_failures"] for r in rows[1:]] == ["0", "0"], name
         assert payloads(out) == payloads(scenarios.sims[name]), name
+        assert rollcall(out) == [("1", str(p), d, "0") for p in range(3) for d in ("down", "up")], name
+        assert rollcall(scenarios.sims[name]) == [], name
     # FedAvg-LoRA's payload per client-round is the trainable state, 4 bytes a scalar
     expected = sum(v.numel() * v.element_size()
                    for v in Workspace(compose(f"{BASE} strategy=fedavg_lora")).initial_arrays().values())

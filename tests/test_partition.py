@@ -35,3 +35,25 @@ def test_label_partitioner_gives_one_label_per_client() -> None:
     assert all(len({LABELS[i] for i in p}) == 1 for p in parts)
     with pytest.raises(ConfigError, match="federation.num_clients must equal the 4 distinct values"):
         partition_indices(LABELS, PartitionConfig(kind="label"), 5, 0)
+
+
+@pytest.mark.parametrize("num_clients", [1, 7, 64, 399])
+@pytest.mark.parametrize("kind", ["iid", "dirichlet"])
+def test_one_pass_partitions_equal_load_partition_per_client(kind: str, num_clients: int) -> None:
+    """The shortcut of ``all_partitions`` gives what flwr-datasets' ``load_partition`` gives."""
+    from datasets import Dataset
+    from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner
+
+    from fedtune.data.partition import all_partitions
+
+    labels = [(i * 7) % 5 for i in range(1003)]  # not a multiple of any num_clients here: uneven shards
+    data = Dataset.from_dict({"idx": list(range(len(labels))), "label": labels}).shuffle(seed=11)  # idx != row
+    if kind == "iid":
+        make = lambda: IidPartitioner(num_partitions=num_clients)  # noqa: E731
+    else:
+        make = lambda: DirichletPartitioner(num_partitions=num_clients, partition_by="label", alpha=0.5,  # noqa: E731
+                                            min_partition_size=0, self_balancing=False, seed=11)
+    fast, slow = make(), make()
+    fast.dataset = slow.dataset = data
+    expected = [sorted(slow.load_partition(pid)["idx"]) for pid in range(num_clients)]
+    assert all_partitions(fast, data["idx"], num_clients) == expected

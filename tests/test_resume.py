@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import without_control
 from safetensors.torch import load_file
 
 from fedtune.cli import main as cli_main
@@ -119,7 +120,7 @@ def test_resumed_run_equals_the_uninterrupted_run(killed_then_resumed: dict[str,
     resumed, run_dir, reference = killed_then_resumed["resumed"], killed_then_resumed["dir"], same_seed_runs[0]
     assert resumed["rc"] == 0 and "seed 3: resumed" in resumed["stdout"], resumed["log"][-3000:]
     assert "resumed after round 2" in resumed["log"]
-    rows = [list(csv.DictReader(open(d / "metrics.csv"))) for d in (run_dir, reference)]
+    rows = [without_control(d) for d in (run_dir, reference)]  # the reference held a roll-call (conftest.py)
     wire = ("bytes_up", "bytes_down", "cumulative_bytes")  # envelopes carry random node ids (test_simulation)
     strip = lambda rs: [{k: v for k, v in r.items() if k not in TIMING_COLUMNS + wire} for r in rs]  # noqa: E731
     assert [r["round"] for r in rows[0]] == ["0", "1", "2", "3"]
@@ -136,8 +137,7 @@ def test_resumed_run_equals_the_uninterrupted_run(killed_then_resumed: dict[str,
     assert summary["final_eval_loss"] == expected["final_eval_loss"]
     ledger = list(csv.DictReader(open(run_dir / "ledger.csv")))
     restart = [r for r in ledger if r["kind"] == "resume"]
-    assert len(restart) == 2 * 4 and all(r["server_round"] == "3" for r in restart)  # the new roll-call
-    assert summary["resume_bytes"] == sum(int(r["wire_bytes"]) for r in restart) > 0
+    assert restart == [] and summary["resume_bytes"] == 0  # the new process read the engine's node map
 
 
 # ----------------------------------------------------------------------------- refusals

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 from conftest import SIMULATION_OVERRIDES as OVERRIDES
+from conftest import without_control
 
 from fedtune.config import compose
 from fedtune.results.store import METRIC_COLUMNS, TIMING_COLUMNS
@@ -56,9 +57,11 @@ def test_payload_bytes_are_exactly_the_lora_factors_and_head(runs: list[Path]) -
         framing = int(r["wire_bytes"]) - int(r["payload_bytes"])
         if r["direction"] == "up":  # trained factors are all distinct: nothing deduplicated
             assert 0 < framing <= 700 * n_arrays + 2000
-    control = [r for r in ledger if r["kind"] == "control"]
+    control = [r for r in ledger if r["kind"] == "control"]  # runs[0] is on Flower's path: a roll-call
     assert len(control) == 4 * 2 and all(int(r["payload_bytes"]) == 0 for r in control)
     assert sorted(int(r["partition_id"]) for r in control) == [0, 0, 1, 1, 2, 2, 3, 3]  # roll-call attributed
+    engine_map = list(csv.DictReader(open(runs[1] / "ledger.csv", newline="")))  # read the engine's node map
+    assert not [r for r in engine_map if r["kind"] in ("control", "resume")]
     rows = _rows(runs[0])
     assert int(rows[1]["payload_up"]) == 4 * 4 * (P_LORA_TINY + HEAD_TINY)
 
@@ -68,12 +71,15 @@ WIRE_COLUMNS = ("bytes_up", "bytes_down", "cumulative_bytes")
 
 def test_same_seed_same_metrics(runs: list[Path]) -> None:
     """Identical except wall time and the message envelopes' random 64-bit node/run ids,
-    although the second run went through the CLI and was killed and resumed mid-way.
+    although the second run went through the CLI, was killed and resumed mid-way, and
+    used fedtune's engine node map and message pump where the first used Flower's
+    roll-call and loop (whose control traffic is taken out of the byte counts).
 
     Flower draws node and run ids at random; protobuf encodes them as varints, so an
-    envelope can differ by a byte or two.  Everything the seed controls is identical.
+    envelope can differ by a byte or two.  Everything the seed controls is identical: a
+    wrong node map would have trained other partitions and changed every metric.
     """
-    a, b = _rows(runs[0]), _rows(runs[1])
+    a, b = without_control(runs[0]), without_control(runs[1])
     strip = lambda rows: [{k: v for k, v in r.items() if k not in TIMING_COLUMNS + WIRE_COLUMNS} for r in rows]  # noqa: E731
     assert strip(a) == strip(b)
     messages_per_round = 4 * 2
@@ -81,7 +87,8 @@ def test_same_seed_same_metrics(runs: list[Path]) -> None:
         for key in ("bytes_up", "bytes_down"):
             assert abs(int(ra[key]) - int(rb[key])) <= 3 * messages_per_round
     # the second run was killed and resumed (conftest.py): its restart's records (kind "resume") are extra
-    ledger = [[x for x in csv.DictReader(open(r / "ledger.csv", newline="")) if x["kind"] != "resume"] for r in runs]
+    ledger = [[x for x in csv.DictReader(open(r / "ledger.csv", newline="")) if x["kind"] not in ("resume", "control")]
+              for r in runs]
     assert [(x["server_round"], x["partition_id"], x["direction"], x["kind"], x["payload_bytes"]) for x in ledger[0]] == \
         [(x["server_round"], x["partition_id"], x["direction"], x["kind"], x["payload_bytes"]) for x in ledger[1]]
 

@@ -32,6 +32,7 @@ from fedtune.registry import METHODS
 from fedtune.results.checkpoint import load_checkpoint, save_checkpoint, set_rng_state
 from fedtune.results.store import RunStore, atomic_write_dir, read_metrics
 from fedtune.runtime.environment import quiet_libraries
+from fedtune.runtime.roster import SimulationRoster
 from fedtune.runtime.workspace import Workspace
 
 
@@ -106,10 +107,13 @@ def resume_point(cfg: RunConfig, out_dir: Path) -> tuple[dict[str, Any], list[di
     return checkpoint, rows
 
 
-def run_server(grid: Grid, cfg: RunConfig, out_dir: Path, resume: bool = False) -> dict[str, Any]:
+def run_server(grid: Grid, cfg: RunConfig, out_dir: Path, resume: bool = False,
+               roster: SimulationRoster | None = None) -> dict[str, Any]:
     """Run ``cfg.num_rounds`` rounds on ``grid``; write the run directory; return the summary.
 
     ``resume``: continue ``out_dir`` from its ``checkpoint.pt`` (rounds after it only).
+    ``roster``: the simulation engine's node map (:mod:`fedtune.runtime.roster`), which
+    replaces the roll-call; ``None`` in deployment.
     """
     quiet_libraries(cfg.runtime.log_level)
     store = RunStore(out_dir)
@@ -124,7 +128,7 @@ def run_server(grid: Grid, cfg: RunConfig, out_dir: Path, resume: bool = False) 
         summary["resumed_from_round"] = checkpoint["round"]
     store.write_summary(summary)  # status "running" until the end: a killed run says so
     try:
-        summary.update(_run_rounds(grid, cfg, store, checkpoint))
+        summary.update(_run_rounds(grid, cfg, store, checkpoint, roster))
         summary["status"] = "completed"
         return summary
     except BaseException as exc:
@@ -134,12 +138,14 @@ def run_server(grid: Grid, cfg: RunConfig, out_dir: Path, resume: bool = False) 
         store.write_summary(summary)
 
 
-def _run_rounds(grid: Grid, cfg: RunConfig, store: RunStore, checkpoint: dict[str, Any] | None) -> dict[str, Any]:
+def _run_rounds(grid: Grid, cfg: RunConfig, store: RunStore, checkpoint: dict[str, Any] | None,
+                roster: SimulationRoster | None) -> dict[str, Any]:
     workspace = Workspace(cfg)
     check_delta(cfg, [len(p) for p in workspace.partitions()])  # δ < 1/n, before any client runs
     model = workspace.model()
     test = workspace.encoded("test")
     strategy = METHODS.get(cfg.strategy.name).strategy_cls.from_config(cfg)
+    strategy.roster = roster
     elapsed = float(store.rows[-1]["wall_seconds"]) if store.rows else 0.0  # a resumed run's clock goes on
     t_start = time.perf_counter() - elapsed
     clock = {"last": time.perf_counter()}
@@ -225,11 +231,11 @@ def default_output_dir() -> Path:
 
 
 def make_server_app(cfg: RunConfig | None = None, out_dir: str | Path | None = None,
-                    resume: bool = False) -> ServerApp:
+                    resume: bool = False, roster: SimulationRoster | None = None) -> ServerApp:
     """A ServerApp for ``cfg`` (``None``: compose it from the run config's ``overrides``).
 
     ``resume`` (or the run config's ``resume = true`` under ``flwr run``): continue the
-    output directory from its checkpoint.
+    output directory from its checkpoint.  ``roster``: see :func:`run_server`.
     """
     app = ServerApp()
 
@@ -237,7 +243,8 @@ def make_server_app(cfg: RunConfig | None = None, out_dir: str | Path | None = N
     def main(grid: Grid, context: Context) -> None:
         run_cfg = cfg if cfg is not None else compose(str(context.run_config.get("overrides", "")))
         target = out_dir or context.run_config.get("output-dir") or default_output_dir()
-        run_server(grid, run_cfg, Path(str(target)).resolve(), resume or bool(context.run_config.get("resume", False)))
+        run_server(grid, run_cfg, Path(str(target)).resolve(), resume or bool(context.run_config.get("resume", False)),
+                   roster)
 
     return app
 

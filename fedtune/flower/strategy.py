@@ -3,7 +3,8 @@
 It does the messaging once for all methods, so a method only writes its maths:
 
 * **roll-call** (first round): a ``query.rollcall`` message to every node; each replies
-  with its ``partition-id``.  Clients are then *sampled by partition id* from the run's
+  with its ``partition-id`` (in ``fedtune run``'s simulation the engine's own node map,
+  :attr:`roster`, replaces the messages).  Clients are then *sampled by partition id* from the run's
   seeded stream (:mod:`fedtune.sampling`), not by Flower's random node ids, so a seed
   picks the same clients in simulation and in deployment.
 * **train**: each sampled client gets ``{"arrays": downlink(round, pid), "config":
@@ -43,6 +44,7 @@ from fedtune.comm.metered_grid import MeteredGrid
 from fedtune.errors import PayloadError
 from fedtune.flower.round_loop import run_rounds
 from fedtune.models.state import check_arrays, load_trainable_state
+from fedtune.runtime.roster import SimulationRoster
 from fedtune.sampling import sample_partitions
 
 ROLLCALL = "query.rollcall"
@@ -93,7 +95,7 @@ class FedtuneStrategy(Strategy):
     """
 
     name = "base"
-    transient = frozenset({"_grid", "node_of", "partition_of_node", "_resuming"})  # never checkpointed
+    transient = frozenset({"_grid", "node_of", "partition_of_node", "_resuming", "roster"})  # never checkpointed
 
     def __init__(self, *, num_clients: int, clients_per_round: int, seed: int = 0,
                  weighting: str = "examples", min_replies: int = 1, rollcall_timeout: float = 300.0) -> None:
@@ -110,6 +112,7 @@ class FedtuneStrategy(Strategy):
         self.client_epsilon: dict[int, float] = {}  # DP: latest ε each client reported
         self._grid: MeteredGrid | None = None
         self._resuming = False  # set by start(resume=...): the next roll-call re-syncs, not sets up
+        self.roster: SimulationRoster | None = None  # fedtune's simulation: the engine's node map, no roll-call
 
     @classmethod
     def from_config(cls, cfg: Any) -> "FedtuneStrategy":
@@ -273,7 +276,14 @@ class FedtuneStrategy(Strategy):
         return self.partition_of_node.get(node_id, -1)
 
     def _rollcall(self, grid: Grid) -> None:
-        """Learn which node serves which partition (counted as "control" traffic)."""
+        """Learn which node serves which partition.
+
+        From the simulation engine's own map when :attr:`roster` holds one (no messages);
+        otherwise by asking every node (counted as "control" traffic).
+        """
+        if self.roster is not None and (engine_map := self.roster.wait(self.rollcall_timeout)) is not None:
+            self._learn_nodes(engine_map.items(), source="the simulation engine")
+            return
         deadline = time.monotonic() + self.rollcall_timeout
         while len(nodes := sorted(grid.get_node_ids())) < self.num_clients:
             if time.monotonic() > deadline:
@@ -282,19 +292,25 @@ class FedtuneStrategy(Strategy):
             time.sleep(0.2)
         queries = [Message(RecordDict({"config": ConfigRecord({"rollcall": 1})}), dst_node_id=n,
                            message_type=ROLLCALL) for n in nodes]
+        answers = []
         for reply in grid.send_and_receive(queries, timeout=self.rollcall_timeout):
             if reply.has_error():
                 raise RuntimeError(f"node {reply.metadata.src_node_id} failed the roll-call: {reply.error.reason}")
-            pid = int(reply.content["metrics"]["partition-id"])
+            answers.append((reply.metadata.src_node_id, int(reply.content["metrics"]["partition-id"])))
+        self._learn_nodes(answers, source="the roll-call")
+
+    def _learn_nodes(self, node_partitions: Iterable[tuple[int, int]], source: str) -> None:
+        """Record ``(node id, partition id)`` pairs: one node per partition, all present."""
+        for node, pid in node_partitions:
             if pid in self.node_of or not 0 <= pid < self.num_clients:
-                raise RuntimeError(f"node {reply.metadata.src_node_id} reports partition-id {pid}, "
+                raise RuntimeError(f"node {node} reports partition-id {pid}, "
                                    f"which is duplicated or outside [0, {self.num_clients})")
-            self.node_of[pid] = reply.metadata.src_node_id
-            self.partition_of_node[reply.metadata.src_node_id] = pid
+            self.node_of[pid] = node
+            self.partition_of_node[node] = pid
         self.ledger.attribute(self.partition_of_node)
         if len(self.node_of) < self.num_clients:
             missing = sorted(set(range(self.num_clients)) - set(self.node_of))
-            raise RuntimeError(f"no node answered the roll-call for partitions {missing[:10]}")
+            raise RuntimeError(f"no node from {source} serves partitions {missing[:10]}")
 
     def _budget_spent(self, pid: int, reply: Message, info: RoundInfo) -> bool:
         """Record a DP client's ε; True when it sent nothing because its budget is spent

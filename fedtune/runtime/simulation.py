@@ -16,6 +16,8 @@ from typing import Any
 from fedtune.config import RunConfig
 from fedtune.results.store import atomic_write_text
 from fedtune.runtime.environment import quiet_libraries
+from fedtune.runtime.message_pump import fast_message_pump
+from fedtune.runtime.roster import capture_roster
 
 
 ACTOR_MAX_RESTARTS = -1  # Ray: restart a client actor whose process died, without limit
@@ -91,8 +93,11 @@ def simulate(cfg: RunConfig, out_dir: str | Path, resume: bool = False) -> dict[
     try:
         if cfg.runtime.ray_address:
             cluster = attach_cluster(cfg)
-        run_simulation(server_app=make_server_app(cfg, out_dir, resume), client_app=make_client_app(cfg.to_dict()),
-                       num_supernodes=cfg.federation.num_clients, backend_config=backend_config(cfg))
+        with (fast_message_pump(cfg.runtime.fast_message_pump),
+              capture_roster(cfg.runtime.node_map == "engine") as roster):
+            run_simulation(server_app=make_server_app(cfg, out_dir, resume, roster),
+                           client_app=make_client_app(cfg.to_dict()),
+                           num_supernodes=cfg.federation.num_clients, backend_config=backend_config(cfg))
     finally:
         if ray.is_initialized():
             ray.shutdown()
