@@ -310,7 +310,8 @@ class FedtuneStrategy(Strategy):
         self.ledger.attribute(self.partition_of_node)
         if len(self.node_of) < self.num_clients:
             missing = sorted(set(range(self.num_clients)) - set(self.node_of))
-            raise RuntimeError(f"no node from {source} serves partitions {missing[:10]}")
+            raise RuntimeError(f"{source} names no node for partitions {missing[:10]} "
+                               f"({len(self.node_of)} of {self.num_clients} known)")
 
     def _budget_spent(self, pid: int, reply: Message, info: RoundInfo) -> bool:
         """Record a DP client's ε; True when it sent nothing because its budget is spent
