@@ -74,9 +74,9 @@ ENGINES = {  # fedtune's defaults, and Flower's own simulation path (tests/conft
 
 
 def run_one(num_clients: int, rounds: int, data: Path, out: Path, engine: str) -> dict:
-    overrides = [*ENGINES[engine], "model=tiny", "dataset=csv", f"dataset.path={data}", f"federation.num_clients={num_clients}",
-                 f"federation.fraction={10 / num_clients}", "federation.min_clients=10", "partition.kind=iid",
-                 "partition.min_partition_size=1", f"num_rounds={rounds}", f"eval.every={rounds}",
+    overrides = [*ENGINES[engine], "model=tiny", "dataset=csv", f"dataset.path={data}",
+                 f"federation.num_clients={num_clients}", f"federation.fraction={10 / num_clients}",
+                 "federation.min_clients=10", "partition.kind=iid", "partition.min_partition_size=1", f"num_rounds={rounds}", f"eval.every={rounds}",
                  f"hydra.run.dir={out}"]
     cli = Path(sys.executable).with_name("fedtune")
     t0 = time.perf_counter()
@@ -125,7 +125,8 @@ def main(argv: list[str] | None = None) -> int:
     with open(data, "w", encoding="utf-8") as fh:
         fh.writelines(json.dumps(row) + "\n" for row in make_rows(per_topic=ROWS_PER_TOPIC, seed=11))
     engines = list(ENGINES) if args.engine == "both" else [args.engine]
-    results = [run_one(n, args.rounds, data, args.out / f"{engine}_{n}", engine) for engine in engines for n in args.clients]
+    results = [run_one(n, args.rounds, data, args.out / f"{engine}_{n}", engine)
+               for engine in engines for n in args.clients]
     data.unlink()
     from fedtune.results.store import atomic_write_text
 

@@ -30,16 +30,21 @@ def without_control(run_dir: Path) -> list[dict[str, str]]:
     """``metrics.csv`` rows with the roll-call's "control" traffic taken out of the byte
     columns, so a run that held one compares with a run that read the engine's map."""
     import csv
+    from collections import Counter
 
-    rows = list(csv.DictReader(open(run_dir / "metrics.csv", newline="")))
+    from fedtune.results.store import read_metrics
+
+    control: Counter[tuple[int, str]] = Counter()  # (round, direction) -> control wire bytes
     for rec in csv.DictReader(open(run_dir / "ledger.csv", newline="")):
         if rec["kind"] == "control":
-            for row in rows:
-                if int(row["round"]) >= int(rec["server_round"]):
-                    row["cumulative_bytes"] = str(int(row["cumulative_bytes"]) - int(rec["wire_bytes"]))
-                if row["round"] == rec["server_round"]:
-                    key = f"bytes_{rec['direction']}"
-                    row[key] = str(int(row[key]) - int(rec["wire_bytes"]))
+            control[int(rec["server_round"]), rec["direction"]] += int(rec["wire_bytes"])
+    rows, removed = read_metrics(run_dir), 0
+    for row in rows:
+        for direction in ("up", "down"):
+            taken = control[int(row["round"]), direction]
+            row[f"bytes_{direction}"] = str(int(row[f"bytes_{direction}"]) - taken)
+            removed += taken
+        row["cumulative_bytes"] = str(int(row["cumulative_bytes"]) - removed)
     return rows
 
 

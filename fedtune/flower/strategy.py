@@ -4,9 +4,9 @@ It does the messaging once for all methods, so a method only writes its maths:
 
 * **roll-call** (first round): a ``query.rollcall`` message to every node; each replies
   with its ``partition-id`` (in ``fedtune run``'s simulation the engine's own node map,
-  :attr:`roster`, replaces the messages).  Clients are then *sampled by partition id* from the run's
-  seeded stream (:mod:`fedtune.sampling`), not by Flower's random node ids, so a seed
-  picks the same clients in simulation and in deployment.
+  :attr:`roster`, replaces the messages).  Clients are then *sampled by partition id*
+  from the run's seeded stream (:mod:`fedtune.sampling`), not by Flower's random node
+  ids, so a seed picks the same clients in simulation and in deployment.
 * **train**: each sampled client gets ``{"arrays": downlink(round, pid), "config":
   {"server-round", "method"}}``; replies are decoded, validated (keys, shapes, dtype,
   finite values) and handed to :meth:`aggregate` sorted by partition id, so the sums
