@@ -19,6 +19,7 @@ Run::
     .venv/bin/python simulations/study.py --strategies fedavg_lora ffa_lora fed_sb --partitions dir0.5 --rounds 10
     .venv/bin/python simulations/study.py --out /tmp/s --rounds 2 model=tiny dataset=tiny   # seconds per run
     .venv/bin/python simulations/study.py --report-only
+    .venv/bin/python simulations/study.py --status             # which runs are done, running, left; time left
 
 Extra positional arguments are fedtune overrides applied to every run.
 """
@@ -38,7 +39,8 @@ from fedtune.config import compose
 from fedtune.plots import plot_study
 from fedtune.registry import METHODS
 from fedtune.results.store import atomic_write_text, csv_text
-from fedtune.results.study import collect, markdown_table, run_dir, run_status, summarise
+from fedtune.results.study import (collect, grid_cells, grid_markdown, markdown_table, run_dir, run_status,
+                                   seconds_left, summarise)
 
 PARTITIONS = {
     "dir0.1": ["partition.kind=dirichlet", "partition.alpha=0.1"],
@@ -102,6 +104,18 @@ def report(out: Path, target: float, title: str | None) -> int:
     return 0
 
 
+def progress_line(cells: list, rounds: int) -> str:
+    """``k of n runs completed; about h hours of runs left`` at the pace measured so far."""
+    done = sum(c.status == "completed" for c in cells)
+    left, unknown = seconds_left(cells, rounds)
+    line = f"study: {done} of {len(cells)} runs completed"
+    if done < len(cells):
+        line += f"; about {left / 3600:.1f} h of runs left at the measured pace"
+        if unknown:
+            line += f" (+ {', '.join(unknown)}: no round measured yet)"
+    return line
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("Run::")[1])
@@ -113,6 +127,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--target", type=float, default=0.8, help="accuracy for the bytes-to-target column")
     p.add_argument("--title", default=None)
     p.add_argument("--report-only", action="store_true", help="only (re)write the table and plot")
+    p.add_argument("--status", action="store_true",
+                   help="only print which runs of the grid are done, running or left, and the time left")
     p.add_argument("overrides", nargs="*", help="fedtune overrides for every run, e.g. model=tiny dataset=tiny")
     args = p.parse_args(argv)
     strategies = args.strategies or METHODS.names()
@@ -122,7 +138,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.rounds < 1:
         p.error(f"--rounds must be >= 1, got {args.rounds}")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    cells = grid_cells(args.out, args.partitions, strategies, args.seeds)
+    if args.status:
+        print(grid_markdown(cells, args.rounds), end="")
+        print(progress_line(cells, args.rounds))
+        return 0
     if not args.report_only:
+        print(progress_line(cells, args.rounds), flush=True)
         grid = [(part, s, seed) for part in args.partitions for s in strategies for seed in args.seeds]
         failed, t0 = [], time.perf_counter()
         for i, (part, s, seed) in enumerate(grid, 1):

@@ -10,8 +10,8 @@ import statistics
 import pytest
 from conftest import load_study_main, load_study_module, study_args
 
-from fedtune.results.study import (StudyRun, bytes_to_target, collect, mean_curve, pareto_front,
-                                   payload_per_client_round, summarise)
+from fedtune.results.study import (StudyRun, bytes_to_target, collect, grid_cells, grid_markdown, mean_curve,
+                                   pareto_front, payload_per_client_round, run_dir, seconds_left, summarise)
 
 
 def _rows(accs: list[float], per_round_bytes: int, seconds: float = 2.0) -> list[dict[str, str]]:
@@ -63,6 +63,38 @@ def test_summary_over_seeds() -> None:
     curve = mean_curve(runs[:2])
     assert [c[0] for c in curve] == [0, 500, 1000]
     assert curve[1][1] == pytest.approx(0.55) and curve[1][2] == pytest.approx(statistics.stdev([0.6, 0.5]))
+
+
+def _cell(root, partition: str, strategy: str, seed: int, status: str, walls: list[float]) -> None:
+    d = run_dir(root, partition, strategy, seed)
+    d.mkdir(parents=True)
+    (d / "summary.json").write_text(json.dumps({"status": status}))
+    with open(d / "metrics.csv", "w", newline="") as fh:
+        writer = csv.DictWriter(fh, ["round", "wall_seconds"])
+        writer.writeheader()
+        writer.writerows({"round": str(i), "wall_seconds": f"{w:.3f}"} for i, w in enumerate(walls))
+
+
+def test_grid_status_and_the_time_left_at_the_measured_pace(tmp_path, capsys) -> None:
+    _cell(tmp_path, "iid", "fedavg_lora", 0, "completed", [1.0, 61.0, 120.0])  # 60 s per round
+    _cell(tmp_path, "iid", "ffa_lora", 0, "running", [2.0, 90.0])  # killed after round 1 of 2: 90 s per round
+    cells = grid_cells(tmp_path, ["iid"], ["fedavg_lora", "ffa_lora", "fed_sb"], [0, 1])
+    assert [(c.strategy, c.seed, c.status, c.rounds_done) for c in cells] == [
+        ("fedavg_lora", 0, "completed", 2), ("fedavg_lora", 1, "missing", 0), ("ffa_lora", 0, "running", 1),
+        ("ffa_lora", 1, "missing", 0), ("fed_sb", 0, "missing", 0), ("fed_sb", 1, "missing", 0)]
+    left, unknown = seconds_left(cells, rounds=2)
+    assert left == pytest.approx(60 * 2 + 90 * 1 + 90 * 2) and unknown == ["fed_sb"]
+    table = grid_markdown(cells, rounds=2)
+    assert "| iid | `fedavg_lora` | done (2 min) | – |" in table
+    assert "| iid | `ffa_lora` | running, round 1/2 | – |" in table
+
+    main = load_study_main()
+    assert main(["--out", str(tmp_path), "--status", "--rounds", "2", "--seeds", "0", "1", "--partitions", "iid",
+                 "--strategies", "fedavg_lora", "ffa_lora", "fed_sb"]) == 0
+    out = capsys.readouterr().out
+    assert table in out and "study: 1 of 6 runs completed; about 0.1 h of runs left" in out
+    assert "(+ fed_sb: no round measured yet)" in out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["iid"]  # --status writes nothing
 
 
 @pytest.mark.simulation

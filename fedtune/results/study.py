@@ -7,6 +7,8 @@ exchange (ledger kind ``train``; one-time set-up traffic such as Fed-SB's bases 
 reported apart), the wire bytes needed to first reach a target accuracy, and the median
 seconds per round; and the mean accuracy-vs-cumulative-bytes curve with its seed band,
 from which :func:`pareto_front` keeps the points no other point beats on both axes.
+:func:`grid_cells` says where every cell of a requested grid stands (a full grid on the
+default model is many hours of runs on two cores, so it is filled over several sittings).
 Reads results only, so a study can be re-reported at any time.
 """
 
@@ -45,6 +47,74 @@ def run_status(path: Path) -> str:
     if not summary.is_file():
         return "missing"
     return str(json.loads(summary.read_text()).get("status", "missing"))
+
+
+@dataclass
+class GridCell:
+    """Where one (partition, strategy, seed) of a requested grid stands."""
+
+    partition: str
+    strategy: str
+    seed: int
+    status: str  # completed | running | failed | missing (run_status)
+    rounds_done: int  # last round in its metrics.csv (0: none yet)
+    wall_seconds: float  # its metrics.csv's last wall_seconds (0: none yet)
+
+
+def grid_cells(root: Path, partitions: list[str], strategies: list[str], seeds: list[int]) -> list[GridCell]:
+    """Every cell of the grid, in the order the study runs them."""
+    cells = []
+    for partition in partitions:
+        for strategy in strategies:
+            for seed in seeds:
+                d = run_dir(root, partition, strategy, seed)
+                rows = read_metrics(d) if (d / "metrics.csv").is_file() else []
+                last = rows[-1] if rows else {}
+                cells.append(GridCell(partition, strategy, seed, run_status(d), int(last.get("round") or 0),
+                                      float(last.get("wall_seconds") or 0.0)))
+    return cells
+
+
+def seconds_left(cells: list[GridCell], rounds: int) -> tuple[float, list[str]]:
+    """Seconds the unfinished cells still need at the pace measured so far, and the
+    strategies without a pace yet (no run of theirs has a round done).  The pace of a
+    strategy is its runs' wall seconds per round, over every partition and seed."""
+    pace: dict[str, list[float]] = defaultdict(list)
+    for c in cells:
+        if c.rounds_done > 0 and c.wall_seconds > 0:
+            pace[c.strategy].append(c.wall_seconds / c.rounds_done)
+    left, unknown = 0.0, []
+    for c in cells:
+        if c.status == "completed":
+            continue
+        if not pace[c.strategy]:
+            unknown.append(c.strategy)
+            continue
+        done = c.rounds_done if c.status == "running" else 0
+        left += statistics.fmean(pace[c.strategy]) * max(0, rounds - done)
+    return left, sorted(set(unknown))
+
+
+def grid_markdown(cells: list[GridCell], rounds: int) -> str:
+    """The grid as Markdown: a line per partition × strategy, a column per seed."""
+    seeds = sorted({c.seed for c in cells})
+    lines = ["| partition | strategy | " + " | ".join(f"seed {s}" for s in seeds) + " |",
+             "| --- | --- | " + " | ".join("---" for _ in seeds) + " |"]
+    by_row: dict[tuple[str, str], dict[int, GridCell]] = defaultdict(dict)
+    for c in cells:
+        by_row[(c.partition, c.strategy)][c.seed] = c
+    for (partition, strategy), row in by_row.items():
+        marks = []
+        for s in seeds:
+            c = row.get(s)
+            if c is None or c.status == "missing":
+                marks.append("–")
+            elif c.status == "completed":
+                marks.append(f"done ({c.wall_seconds / 60:.0f} min)")
+            else:
+                marks.append(f"{c.status}, round {c.rounds_done}/{rounds}")
+        lines.append(f"| {partition} | `{strategy}` | " + " | ".join(marks) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def collect(root: Path) -> list[StudyRun]:

@@ -19,6 +19,7 @@ DEFAULT_ENV = {
     "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",  # else uv would fetch CUDA torch
     "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
     "RAY_DEDUP_LOGS": "0",
+    "RAY_USAGE_STATS_ENABLED": "0",  # offline: Ray would try to report usage to its servers
     "RAY_memory_usage_threshold": "0.9",
     "TOKENIZERS_PARALLELISM": "false",
     "MPLBACKEND": "Agg",
