@@ -21,7 +21,8 @@ Run::
     .venv/bin/python simulations/study.py --report-only
     .venv/bin/python simulations/study.py --status             # which runs are done, running, left; time left
 
-Extra positional arguments are fedtune overrides applied to every run.
+Extra arguments of the form ``key=value`` are fedtune overrides applied to every run; they
+may stand anywhere, also after ``--strategies`` / ``--partitions`` / ``--seeds``.
 """
 
 from __future__ import annotations
@@ -109,11 +110,26 @@ def progress_line(cells: list, rounds: int) -> str:
     done = sum(c.status == "completed" for c in cells)
     left, unknown = seconds_left(cells, rounds)
     line = f"study: {done} of {len(cells)} runs completed"
-    if done < len(cells):
+    if left > 0:
         line += f"; about {left / 3600:.1f} h of runs left at the measured pace"
-        if unknown:
-            line += f" (+ {', '.join(unknown)}: no round measured yet)"
+    if unknown:
+        line += f"{' (+' if left > 0 else ';'} {', '.join(unknown)}: no round measured yet{')' if left > 0 else ''}"
     return line
+
+
+VALUE_OPTIONS = ("--out", "--rounds", "--target", "--title")  # options that take exactly one value
+
+
+def split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
+    """(options, fedtune overrides): every ``key=value`` token that is not an option's own
+    value is an override, wherever it stands, so that ``--strategies a b model=tiny`` does
+    not take ``model=tiny`` for a strategy (no strategy or partition name holds ``=``)."""
+    options: list[str] = []
+    overrides: list[str] = []
+    for i, token in enumerate(argv):
+        is_value = i > 0 and argv[i - 1] in VALUE_OPTIONS
+        (overrides if "=" in token and not token.startswith("-") and not is_value else options).append(token)
+    return options, overrides
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -129,8 +145,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--report-only", action="store_true", help="only (re)write the table and plot")
     p.add_argument("--status", action="store_true",
                    help="only print which runs of the grid are done, running or left, and the time left")
-    p.add_argument("overrides", nargs="*", help="fedtune overrides for every run, e.g. model=tiny dataset=tiny")
-    args = p.parse_args(argv)
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="fedtune overrides for every run, e.g. model=tiny dataset=tiny")
+    options, overrides = split_overrides(sys.argv[1:] if argv is None else list(argv))
+    args = p.parse_args(options)
+    args.overrides = [*args.overrides, *overrides]
     strategies = args.strategies or METHODS.names()
     unknown = sorted(set(strategies) - set(METHODS.names()))
     if unknown:

@@ -140,3 +140,11 @@ def test_study_tunes_fedkseed_for_minilm_only() -> None:
     assert "strategy.lr=1e-4" in overrides("fedkseed_pro", ["model=minilm", "seed=3"])
     assert overrides("fedkseed", ["model=tiny", "dataset=tiny"]) == []
     assert overrides("fedavg_lora", []) == []
+
+
+def test_overrides_may_follow_list_options() -> None:
+    split = load_study_module().split_overrides
+    argv = ["--strategies", "fedavg_lora", "ffa_lora", "model=tiny", "--out", "/tmp/a=b", "--partitions", "iid",
+            "dataset=tiny", "--title=x=y"]
+    assert split(argv) == (["--strategies", "fedavg_lora", "ffa_lora", "--out", "/tmp/a=b", "--partitions", "iid",
+                            "--title=x=y"], ["model=tiny", "dataset=tiny"])
