@@ -19,8 +19,8 @@ closed form of the least-squares variant instead:
 ``‖ΔW − (B̄+ΔB)Ā‖_F² + λ‖ΔB‖_F²``).
 
 Bytes per client and round are FedIT's, ``4·P_LoRA`` (+ head) each way; the extra
-cost is server compute, O(N·m·n·r) per module plus the solve (timed by the base
-class into ``aggregate_seconds``).
+cost is server compute, O(N·m·n·r) per module for ΔW plus the solve, O(m·n·r) once and
+O(m·r²) per descent step (timed by the base class into ``aggregate_seconds``).
 """
 
 from __future__ import annotations
@@ -65,37 +65,70 @@ def solve_ridge(dW: torch.Tensor, B_bar: torch.Tensor, A_bar: torch.Tensor, lam:
     return torch.linalg.solve(gram, A_bar @ E.T).T  # gram is symmetric
 
 
+def value_and_gradient(dW: torch.Tensor, B_bar: torch.Tensor, A_bar: torch.Tensor, lam: float,
+                       distance: str = "cosine") -> Callable[[torch.Tensor], tuple[float, torch.Tensor]]:
+    """``ΔB ↦ (objective, ∂objective/∂ΔB)`` of :func:`fair_objective`, in closed form.
+
+    Both data terms see ``B = B̄ + ΔB`` only through ``⟨ΔW, BĀ⟩ = ⟨G, B⟩`` and
+    ``‖BĀ‖_F² = ⟨B, BS⟩`` with ``G = ΔW Āᵀ`` (m×r) and ``S = ĀĀᵀ`` (r×r), computed once;
+    so a step costs O(m·r²) instead of forming the m×n product (the server's solve per
+    round drops from seconds to milliseconds on MiniLM).  Cosine (``w = ‖ΔW‖``,
+    ``h = ‖BĀ‖``, ``g = ⟨G, B⟩``): ``1 − g/(wh)``, gradient ``−G/(wh) + g·BS/(w h³)``;
+    Frobenius: ``‖ΔW‖² − 2g + h²``, gradient ``2(BS − G)``.  The regulariser's
+    subgradient at ``ΔB = 0`` is 0, as autograd's.
+    """
+    G, S = dW @ A_bar.T, A_bar @ A_bar.T
+    w = float(torch.linalg.vector_norm(dW))
+
+    def evaluate(dB: torch.Tensor) -> tuple[float, torch.Tensor]:
+        B = B_bar + dB
+        BS = B @ S
+        g, h2 = float((G * B).sum()), max(float((B * BS).sum()), 0.0)
+        reg = float(torch.linalg.vector_norm(dB))
+        if distance == "cosine":
+            denom = w * h2 ** 0.5
+            if denom < _TINY:  # as cosine_distance's clamp: the denominator is a constant there
+                value, grad = 1.0 - g / _TINY, -G / _TINY
+            else:
+                value, grad = 1.0 - g / denom, -G / denom + (g / (denom * h2)) * BS
+            if reg > 0:
+                value, grad = value + lam * reg, grad + (lam / reg) * dB
+            return value, grad
+        return w * w - 2.0 * g + h2 + lam * reg * reg, 2.0 * (BS - G) + (2.0 * lam) * dB
+
+    return evaluate
+
+
 def solve_iterative(dW: torch.Tensor, B_bar: torch.Tensor, A_bar: torch.Tensor, lam: float, steps: int,
                     lr: float, distance: str = "cosine") -> torch.Tensor:
     """Gradient descent from ``ΔB = 0``; returns the best iterate seen.
 
     ``cosine`` descends on ``X`` with ``ΔB = ‖B̄‖_F·X`` at step ``lr``; ``frobenius``
     descends on ``ΔB`` at step ``lr / L`` with ``L = 2(σ_max(Ā)² + λ)`` the gradient's
-    Lipschitz constant (so ``lr ≤ 1`` converges to :func:`solve_ridge`).
+    Lipschitz constant (so ``lr ≤ 1`` converges to :func:`solve_ridge`).  Values and
+    gradients come from :func:`value_and_gradient`.
     """
     dW, B_bar, A_bar = (t.to(torch.float64) for t in (dW, B_bar, A_bar))
     zero = torch.zeros_like(B_bar)
     if torch.linalg.vector_norm(dW) == 0 or steps == 0:
         return zero
-    objective = fair_objective(dW, B_bar, A_bar, lam, distance)
+    evaluate = value_and_gradient(dW, B_bar, A_bar, lam, distance)
     if distance == "cosine":
         scale = float(torch.linalg.vector_norm(B_bar)) or 1.0
         step = lr
     else:
         scale = 1.0
         step = lr / (2.0 * (float(torch.linalg.matrix_norm(A_bar, ord=2)) ** 2 + lam))
-    X = torch.zeros_like(B_bar, requires_grad=True)
-    best, best_value = zero, float(objective(zero))
-    with torch.enable_grad():
-        for _ in range(steps):
-            value = objective(scale * X)
-            if float(value.detach()) < best_value:
-                best, best_value = (scale * X).detach().clone(), float(value.detach())
-            (grad,) = torch.autograd.grad(value, X)
-            with torch.no_grad():
-                X -= step * grad
-    last = (scale * X).detach()
-    return last if float(objective(last)) < best_value else best
+    X = torch.zeros_like(B_bar)
+    best, best_value = zero, evaluate(zero)[0]
+    for _ in range(steps):
+        dB = scale * X
+        value, grad = evaluate(dB)
+        if value < best_value:
+            best, best_value = dB, value
+        X = X - (step * scale) * grad  # d objective / dX = scale · d objective / dΔB
+    last = scale * X
+    return last if evaluate(last)[0] < best_value else best
 
 
 @dataclass

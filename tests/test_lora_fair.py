@@ -8,7 +8,7 @@ from fedtune.config import compose
 from fedtune.errors import ConfigError
 from fedtune.registry import METHODS
 from strategies.lora_fair import (LoRAFAIR, LoRAFAIRConfig, cosine_distance, fair_objective, solve_iterative,
-                                  solve_ridge)
+                                  solve_ridge, value_and_gradient)
 from strategies.lora_math import lora_pairs, weighted_product
 
 R = 3
@@ -38,6 +38,41 @@ def test_cosine_solver_reduces_the_data_term_and_the_objective(seed: int) -> Non
     objective = fair_objective(dW, B_bar, A_bar, 0.01)
     assert float(objective(dB)) <= float(objective(torch.zeros_like(dB)))
     assert dB.shape == B_bar.shape == (12, R)
+
+
+@pytest.mark.parametrize("distance", ["cosine", "frobenius"])
+def test_closed_form_value_and_gradient_equal_autograd_of_the_objective(distance: str) -> None:
+    """The solver's O(m·r²) value and gradient are those of the explicit objective (the
+    m×n product, differentiated by autograd), at ΔB = 0 (the norm's subgradient) and off it."""
+    dW, B_bar, A_bar = _module_problem(6)
+    objective, evaluate = fair_objective(dW, B_bar, A_bar, 0.01, distance), value_and_gradient(
+        dW, B_bar, A_bar, 0.01, distance)
+    g = torch.Generator().manual_seed(7)
+    for dB in (torch.zeros_like(B_bar), 0.1 * torch.randn(B_bar.shape, generator=g, dtype=torch.float64)):
+        x = dB.clone().requires_grad_(True)
+        value = objective(x)
+        (grad,) = torch.autograd.grad(value, x)
+        fast_value, fast_grad = evaluate(dB)
+        assert fast_value == pytest.approx(float(value), rel=1e-12, abs=1e-12)
+        torch.testing.assert_close(fast_grad, grad, rtol=1e-10, atol=1e-12)
+
+
+def test_descent_is_gradient_descent_on_the_objective() -> None:
+    """The same iterates as plain autograd descent on X (ΔB = ‖B̄‖·X) of the explicit objective."""
+    dW, B_bar, A_bar = _module_problem(8)
+    objective, scale = fair_objective(dW, B_bar, A_bar, 0.01), float(torch.linalg.vector_norm(B_bar))
+    X = torch.zeros_like(B_bar, requires_grad=True)
+    best, best_value = torch.zeros_like(B_bar), float(objective(torch.zeros_like(B_bar)))
+    for _ in range(30):
+        value = objective(scale * X)
+        if float(value) < best_value:
+            best, best_value = (scale * X).detach().clone(), float(value)
+        (grad,) = torch.autograd.grad(value, X)
+        X = (X - 0.2 * grad).detach().requires_grad_(True)
+    last = (scale * X).detach()
+    reference = last if float(objective(last)) < best_value else best
+    torch.testing.assert_close(solve_iterative(dW, B_bar, A_bar, lam=0.01, steps=30, lr=0.2), reference,
+                               rtol=1e-9, atol=1e-12)
 
 
 def test_cosine_solver_is_scale_free() -> None:
