@@ -40,8 +40,8 @@ from fedtune.config import compose
 from fedtune.plots import plot_study
 from fedtune.registry import METHODS
 from fedtune.results.store import atomic_write_text, csv_text
-from fedtune.results.study import (collect, grid_cells, grid_markdown, markdown_table, run_dir, run_status,
-                                   seconds_left, summarise)
+from fedtune.results.study import (collect, grid_cells, grid_markdown, markdown_table, measured_pace, run_dir,
+                                   run_status, seconds_left, summarise)
 
 PARTITIONS = {
     "dir0.1": ["partition.kind=dirichlet", "partition.alpha=0.1"],
@@ -105,10 +105,10 @@ def report(out: Path, target: float, title: str | None) -> int:
     return 0
 
 
-def progress_line(cells: list, rounds: int) -> str:
+def progress_line(out: Path, cells: list, rounds: int) -> str:
     """``k of n runs completed; about h hours of runs left`` at the pace measured so far."""
     done = sum(c.status == "completed" for c in cells)
-    left, unknown = seconds_left(cells, rounds)
+    left, unknown = seconds_left(cells, rounds, measured_pace(out))
     line = f"study: {done} of {len(cells)} runs completed"
     if left > 0:
         line += f"; about {left / 3600:.1f} h of runs left at the measured pace"
@@ -160,10 +160,10 @@ def main(argv: list[str] | None = None) -> int:
     cells = grid_cells(args.out, args.partitions, strategies, args.seeds)
     if args.status:
         print(grid_markdown(cells, args.rounds), end="")
-        print(progress_line(cells, args.rounds))
+        print(progress_line(args.out, cells, args.rounds))
         return 0
     if not args.report_only:
-        print(progress_line(cells, args.rounds), flush=True)
+        print(progress_line(args.out, cells, args.rounds), flush=True)
         grid = [(part, s, seed) for part in args.partitions for s in strategies for seed in args.seeds]
         failed, t0 = [], time.perf_counter()
         for i, (part, s, seed) in enumerate(grid, 1):

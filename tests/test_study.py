@@ -11,7 +11,8 @@ import pytest
 from conftest import load_study_main, load_study_module, study_args
 
 from fedtune.results.study import (StudyRun, bytes_to_target, collect, grid_cells, grid_markdown, mean_curve,
-                                   pareto_front, payload_per_client_round, run_dir, seconds_left, summarise)
+                                   measured_pace, pareto_front, payload_per_client_round, run_dir, seconds_left,
+                                   summarise)
 
 
 def _rows(accs: list[float], per_round_bytes: int, seconds: float = 2.0) -> list[dict[str, str]]:
@@ -82,8 +83,11 @@ def test_grid_status_and_the_time_left_at_the_measured_pace(tmp_path, capsys) ->
     assert [(c.strategy, c.seed, c.status, c.rounds_done) for c in cells] == [
         ("fedavg_lora", 0, "completed", 2), ("fedavg_lora", 1, "missing", 0), ("ffa_lora", 0, "running", 1),
         ("ffa_lora", 1, "missing", 0), ("fed_sb", 0, "missing", 0), ("fed_sb", 1, "missing", 0)]
-    left, unknown = seconds_left(cells, rounds=2)
-    assert left == pytest.approx(60 * 2 + 90 * 1 + 90 * 2) and unknown == ["fed_sb"]
+    _cell(tmp_path, "dir0.5", "fedavg_lora", 0, "completed", [1.0, 41.0, 80.0])  # outside the grid: 40 s per round
+    pace = measured_pace(tmp_path)
+    assert pace == pytest.approx({"fedavg_lora": 50.0, "ffa_lora": 90.0})
+    left, unknown = seconds_left(cells, 2, pace)
+    assert left == pytest.approx(50 * 2 + 90 * 1 + 90 * 2) and unknown == ["fed_sb"]
     table = grid_markdown(cells, rounds=2)
     assert "| iid | `fedavg_lora` | done (2 min) | – |" in table
     assert "| iid | `ffa_lora` | running, round 1/2 | – |" in table
@@ -94,7 +98,7 @@ def test_grid_status_and_the_time_left_at_the_measured_pace(tmp_path, capsys) ->
     out = capsys.readouterr().out
     assert table in out and "study: 1 of 6 runs completed; about 0.1 h of runs left" in out
     assert "(+ fed_sb: no round measured yet)" in out
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["iid"]  # --status writes nothing
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dir0.5", "iid"]  # --status writes nothing
 
 
 @pytest.mark.simulation

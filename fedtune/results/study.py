@@ -75,23 +75,31 @@ def grid_cells(root: Path, partitions: list[str], strategies: list[str], seeds: 
     return cells
 
 
-def seconds_left(cells: list[GridCell], rounds: int) -> tuple[float, list[str]]:
-    """Seconds the unfinished cells still need at the pace measured so far, and the
-    strategies without a pace yet (no run of theirs has a round done).  The pace of a
-    strategy is its runs' wall seconds per round, over every partition and seed."""
+def measured_pace(root: Path) -> dict[str, float]:
+    """Wall seconds per round of each strategy, over every run under ``root`` with a round
+    done (any partition, seed or status: the pace of the machine that ran them)."""
     pace: dict[str, list[float]] = defaultdict(list)
-    for c in cells:
-        if c.rounds_done > 0 and c.wall_seconds > 0:
-            pace[c.strategy].append(c.wall_seconds / c.rounds_done)
+    for metrics in Path(root).glob("*/*/seed*/metrics.csv"):
+        rows = read_metrics(metrics.parent)
+        last = rows[-1] if rows else {}
+        rounds, wall = int(last.get("round") or 0), float(last.get("wall_seconds") or 0.0)
+        if rounds > 0 and wall > 0:
+            pace[metrics.parent.parent.name].append(wall / rounds)
+    return {strategy: statistics.fmean(values) for strategy, values in pace.items()}
+
+
+def seconds_left(cells: list[GridCell], rounds: int, pace: dict[str, float]) -> tuple[float, list[str]]:
+    """Seconds the unfinished cells still need at ``pace`` (:func:`measured_pace`), and the
+    strategies with no pace yet."""
     left, unknown = 0.0, []
     for c in cells:
         if c.status == "completed":
             continue
-        if not pace[c.strategy]:
+        if c.strategy not in pace:
             unknown.append(c.strategy)
             continue
         done = c.rounds_done if c.status == "running" else 0
-        left += statistics.fmean(pace[c.strategy]) * max(0, rounds - done)
+        left += pace[c.strategy] * max(0, rounds - done)
     return left, sorted(set(unknown))
 
 
