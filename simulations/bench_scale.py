@@ -76,8 +76,8 @@ ENGINES = {  # fedtune's defaults, and Flower's own simulation path (tests/conft
 def run_one(num_clients: int, rounds: int, data: Path, out: Path, engine: str) -> dict:
     overrides = [*ENGINES[engine], "model=tiny", "dataset=csv", f"dataset.path={data}",
                  f"federation.num_clients={num_clients}", f"federation.fraction={10 / num_clients}",
-                 "federation.min_clients=10", "partition.kind=iid", "partition.min_partition_size=1", f"num_rounds={rounds}", f"eval.every={rounds}",
-                 f"hydra.run.dir={out}"]
+                 "federation.min_clients=10", "partition.kind=iid", "partition.min_partition_size=1",
+                 f"num_rounds={rounds}", f"eval.every={rounds}", f"hydra.run.dir={out}"]
     cli = Path(sys.executable).with_name("fedtune")
     t0 = time.perf_counter()
     proc = subprocess.Popen([str(cli), "run", *overrides])

@@ -113,7 +113,8 @@ def progress_line(out: Path, cells: list, rounds: int) -> str:
     if left > 0:
         line += f"; about {left / 3600:.1f} h of runs left at the measured pace"
     if unknown:
-        line += f"{' (+' if left > 0 else ';'} {', '.join(unknown)}: no round measured yet{')' if left > 0 else ''}"
+        note = f"{', '.join(unknown)}: no round measured yet"
+        line += f" (+ {note})" if left > 0 else f"; {note}"
     return line
 
 
@@ -157,26 +158,26 @@ def main(argv: list[str] | None = None) -> int:
     if args.rounds < 1:
         p.error(f"--rounds must be >= 1, got {args.rounds}")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    cells = grid_cells(args.out, args.partitions, strategies, args.seeds)
     if args.status:
+        cells = grid_cells(args.out, args.partitions, strategies, args.seeds)
         print(grid_markdown(cells, args.rounds), end="")
         print(progress_line(args.out, cells, args.rounds))
         return 0
     if not args.report_only:
+        cells = grid_cells(args.out, args.partitions, strategies, args.seeds)  # the grid, in the order it runs
         print(progress_line(args.out, cells, args.rounds), flush=True)
-        grid = [(part, s, seed) for part in args.partitions for s in strategies for seed in args.seeds]
         failed, t0 = [], time.perf_counter()
-        for i, (part, s, seed) in enumerate(grid, 1):
+        for i, c in enumerate(cells, 1):
             t = time.perf_counter()
             try:
-                done = run_one(args.out, part, s, seed, args.rounds, args.overrides)
+                done = run_one(args.out, c.partition, c.strategy, c.seed, args.rounds, args.overrides)
             except RuntimeError as exc:
                 failed.append(str(exc))
                 done = f"FAILED: {exc}"
-            print(f"study [{i}/{len(grid)}] {part} {s} seed {seed}: {done} ({time.perf_counter() - t:.0f} s, "
-                  f"{(time.perf_counter() - t0) / 60:.1f} min so far)", flush=True)
+            print(f"study [{i}/{len(cells)}] {c.partition} {c.strategy} seed {c.seed}: {done} "
+                  f"({time.perf_counter() - t:.0f} s, {(time.perf_counter() - t0) / 60:.1f} min so far)", flush=True)
         if failed:
-            print(f"study: {len(failed)} of {len(grid)} runs failed; run the same command again to retry them "
+            print(f"study: {len(failed)} of {len(cells)} runs failed; run the same command again to retry them "
                   "(killed runs continue from their checkpoint)", file=sys.stderr)
     rc = report(args.out, args.target, args.title)
     return 1 if (not args.report_only and failed) else rc

@@ -61,6 +61,13 @@ class GridCell:
     wall_seconds: float  # its metrics.csv's last wall_seconds (0: none yet)
 
 
+def rounds_and_wall(path: Path) -> tuple[int, float]:
+    """The last round in a run's metrics.csv and its wall seconds ((0, 0.0): none yet)."""
+    rows = read_metrics(path) if (Path(path) / "metrics.csv").is_file() else []
+    last = rows[-1] if rows else {}
+    return int(last.get("round") or 0), float(last.get("wall_seconds") or 0.0)
+
+
 def grid_cells(root: Path, partitions: list[str], strategies: list[str], seeds: list[int]) -> list[GridCell]:
     """Every cell of the grid, in the order the study runs them."""
     cells = []
@@ -68,10 +75,7 @@ def grid_cells(root: Path, partitions: list[str], strategies: list[str], seeds: 
         for strategy in strategies:
             for seed in seeds:
                 d = run_dir(root, partition, strategy, seed)
-                rows = read_metrics(d) if (d / "metrics.csv").is_file() else []
-                last = rows[-1] if rows else {}
-                cells.append(GridCell(partition, strategy, seed, run_status(d), int(last.get("round") or 0),
-                                      float(last.get("wall_seconds") or 0.0)))
+                cells.append(GridCell(partition, strategy, seed, run_status(d), *rounds_and_wall(d)))
     return cells
 
 
@@ -80,9 +84,7 @@ def measured_pace(root: Path) -> dict[str, float]:
     done (any partition, seed or status: the pace of the machine that ran them)."""
     pace: dict[str, list[float]] = defaultdict(list)
     for metrics in Path(root).glob("*/*/seed*/metrics.csv"):
-        rows = read_metrics(metrics.parent)
-        last = rows[-1] if rows else {}
-        rounds, wall = int(last.get("round") or 0), float(last.get("wall_seconds") or 0.0)
+        rounds, wall = rounds_and_wall(metrics.parent)
         if rounds > 0 and wall > 0:
             pace[metrics.parent.parent.name].append(wall / rounds)
     return {strategy: statistics.fmean(values) for strategy, values in pace.items()}
