@@ -31,10 +31,12 @@ import argparse
 import functools
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import IO
 
 from fedtune.config import compose
 from fedtune.plots import plot_study
@@ -68,6 +70,28 @@ def strategy_overrides(strategy: str, extra: list[str]) -> list[str]:
     return MINILM_STRATEGY_OVERRIDES[strategy]
 
 
+def run_in_own_session(cmd: list[str], log: IO[str]) -> int:
+    """Run ``cmd`` in a session of its own; when it ends, kill whatever it left behind.
+
+    A run that dies without shutting Ray down (a kill, an OOM, ``faults.server_kill_round``)
+    orphans Ray's dashboard and runtime-env agents, which live on and hold memory while
+    the study goes on to the next run.  They stay in the run's process group, so killing
+    the group once the run has ended reaps them.  Stopping the study (Ctrl-C, SIGTERM)
+    kills the run too; it continues from its checkpoint on the next call.
+    """
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    try:
+        return proc.wait()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:  # nothing left: the run shut Ray down itself
+            pass
+        proc.wait()
+
+
 def run_one(out: Path, partition: str, strategy: str, seed: int, rounds: int, extra: list[str]) -> str:
     """Bring one run to completion; return what was done (``skipped``, ``resumed``, ``ran``)."""
     d = run_dir(out, partition, strategy, seed)
@@ -85,7 +109,7 @@ def run_one(out: Path, partition: str, strategy: str, seed: int, rounds: int, ex
     log = d.parent / f"seed{seed}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "a") as fh:
-        rc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT).returncode
+        rc = run_in_own_session(cmd, fh)
     if rc != 0 or run_status(d) != "completed":
         raise RuntimeError(f"fedtune run exited {rc}; see {log}")
     return done

@@ -72,6 +72,20 @@ def study_args(root: Path) -> list[str]:
             "--rounds", "3", "--target", "0.3", *extra, "faults.server_kill_round=2"]
 
 
+def live_ray_processes() -> set[int]:
+    """Pids of the Ray processes (``ray::…`` workers and agents) alive now, zombies left out."""
+    pids = set()
+    for proc in Path("/proc").iterdir():
+        try:
+            if not proc.name.isdigit() or (proc / "stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+                continue
+            if (proc / "cmdline").read_bytes().startswith(b"ray::"):
+                pids.add(int(proc.name))
+        except OSError:  # it exited while we looked
+            continue
+    return pids
+
+
 @pytest.fixture(scope="session")
 def killed_then_resumed(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """One run of ``SIMULATION_OVERRIDES`` driven by ``simulations/study.py`` through the
@@ -90,9 +104,11 @@ def killed_then_resumed(tmp_path_factory: pytest.TempPathFactory) -> dict:
     run_dir = root / "dir0.5" / "fedavg_lora" / "seed3"
     calls = []
     for _ in range(2):
+        ray_before = live_ray_processes()
         with contextlib.redirect_stdout(io.StringIO()) as out:
             rc = main(study_args(root))
-        calls.append({"rc": rc, "stdout": out.getvalue(), "log": (run_dir.parent / "seed3.log").read_text()})
+        calls.append({"rc": rc, "stdout": out.getvalue(), "log": (run_dir.parent / "seed3.log").read_text(),
+                      "ray_left_behind": sorted(live_ray_processes() - ray_before)})
         if len(calls) == 1:  # the state the kill left behind
             calls[0].update(summary=json.loads((run_dir / "summary.json").read_text()),
                             rounds=[r["round"] for r in csv.DictReader(open(run_dir / "metrics.csv"))],

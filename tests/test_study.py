@@ -106,6 +106,9 @@ def test_study_resumes_a_killed_run_skips_finished_ones_and_reports(killed_then_
     root, run = killed_then_resumed["root"], killed_then_resumed["dir"]  # conftest.py: killed, then resumed
     assert "seed 3: FAILED" in killed_then_resumed["killed"]["stdout"]
     assert killed_then_resumed["killed"]["summary"]["status"] == "running"
+    # the killed server never shut Ray down: study.py reaps the agents it orphaned
+    assert killed_then_resumed["killed"]["ray_left_behind"] == []
+    assert killed_then_resumed["resumed"]["ray_left_behind"] == []
     assert killed_then_resumed["resumed"]["rc"] == 0
     assert "seed 3: resumed" in killed_then_resumed["resumed"]["stdout"]
     summary = json.loads((run / "summary.json").read_text())
