@@ -34,6 +34,8 @@ import threading
 import time
 from pathlib import Path
 
+from fedtune.runtime.processes import process_table
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from make_tiny_dataset import make_rows  # noqa: E402  (a sibling script, not a package)
 
@@ -42,14 +44,8 @@ ROWS_PER_TOPIC = 7_813  # 31,252 rows: 25,001 for training after the 20 % test s
 
 def _children() -> dict[int, list[int]]:
     tree: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as fh:
-                    ppid = int(fh.read().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            tree.setdefault(ppid, []).append(int(entry))
+    for p in process_table():
+        tree.setdefault(p.ppid, []).append(p.pid)
     return tree
 
 

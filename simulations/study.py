@@ -44,6 +44,7 @@ from fedtune.registry import METHODS
 from fedtune.results.store import atomic_write_text, csv_text
 from fedtune.results.study import (collect, grid_cells, grid_markdown, markdown_table, measured_pace, run_dir,
                                    run_status, seconds_left, summarise)
+from fedtune.runtime.processes import kill_session
 
 PARTITIONS = {
     "dir0.1": ["partition.kind=dirichlet", "partition.alpha=0.1"],
@@ -74,10 +75,11 @@ def run_in_own_session(cmd: list[str], log: IO[str]) -> int:
     """Run ``cmd`` in a session of its own; when it ends, kill whatever it left behind.
 
     A run that dies without shutting Ray down (a kill, an OOM, ``faults.server_kill_round``)
-    orphans Ray's dashboard and runtime-env agents, which live on and hold memory while
-    the study goes on to the next run.  They stay in the run's process group, so killing
-    the group once the run has ended reaps them.  Stopping the study (Ctrl-C, SIGTERM)
-    kills the run too; it continues from its checkpoint on the next call.
+    orphans Ray's agents and workers, which live on and hold memory while the study goes
+    on to the next run.  They stay in the run's session (Ray may give workers process
+    groups of their own, never sessions), so killing the session once the run has ended,
+    and waiting until its members have died, reaps them.  Stopping the study (Ctrl-C,
+    SIGTERM) kills the run too; it continues from its checkpoint on the next call.
     """
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     previous = signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
@@ -85,11 +87,11 @@ def run_in_own_session(cmd: list[str], log: IO[str]) -> int:
         return proc.wait()
     finally:
         signal.signal(signal.SIGTERM, previous)
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:  # nothing left: the run shut Ray down itself
-            pass
+        survivors = kill_session(proc.pid)
         proc.wait()
+        if survivors:
+            print(f"study: {len(survivors)} process(es) of the run survived SIGKILL: "
+                  + ", ".join(f"{p.pid} {p.cmdline[:60]}" for p in survivors), file=sys.stderr)
 
 
 def run_one(out: Path, partition: str, strategy: str, seed: int, rounds: int, extra: list[str]) -> str:

@@ -20,6 +20,8 @@ from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 
+from fedtune.runtime.processes import process_table  # noqa: E402
+
 SIMULATION_OVERRIDES = "model=tiny dataset=tiny federation.num_clients=4 num_rounds=3 seed=3 train.local_steps=8"
 # Flower's own simulation path: a roll-call to learn the node map, Flower's message loop
 # (fedtune's default reads the engine's node map and pumps messages in one pass).
@@ -72,18 +74,11 @@ def study_args(root: Path) -> list[str]:
             "--rounds", "3", "--target", "0.3", *extra, "faults.server_kill_round=2"]
 
 
-def live_ray_processes() -> set[int]:
-    """Pids of the Ray processes (``ray::…`` workers and agents) alive now, zombies left out."""
-    pids = set()
-    for proc in Path("/proc").iterdir():
-        try:
-            if not proc.name.isdigit() or (proc / "stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
-                continue
-            if (proc / "cmdline").read_bytes().startswith(b"ray::"):
-                pids.add(int(proc.name))
-        except OSError:  # it exited while we looked
-            continue
-    return pids
+def live_ray_processes() -> dict[int, str]:
+    """The Ray processes (``ray::…`` workers and agents) alive now, zombies left out:
+    pid -> a description that says what it is and where it sits (group, session, parent)."""
+    return {p.pid: f"{p.pid} {p.cmdline[:40]!r} state={p.state} pgrp={p.pgrp} session={p.session} ppid={p.ppid}"
+            for p in process_table() if p.alive and p.cmdline.startswith("ray::")}
 
 
 @pytest.fixture(scope="session")
@@ -108,7 +103,7 @@ def killed_then_resumed(tmp_path_factory: pytest.TempPathFactory) -> dict:
         with contextlib.redirect_stdout(io.StringIO()) as out:
             rc = main(study_args(root))
         calls.append({"rc": rc, "stdout": out.getvalue(), "log": (run_dir.parent / "seed3.log").read_text(),
-                      "ray_left_behind": sorted(live_ray_processes() - ray_before)})
+                      "ray_left_behind": [d for pid, d in sorted(live_ray_processes().items()) if pid not in ray_before]})
         if len(calls) == 1:  # the state the kill left behind
             calls[0].update(summary=json.loads((run_dir / "summary.json").read_text()),
                             rounds=[r["round"] for r in csv.DictReader(open(run_dir / "metrics.csv"))],

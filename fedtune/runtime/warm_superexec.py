@@ -43,6 +43,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn
 
+from fedtune.runtime.processes import is_running, signal_if_alive
+
 PRELOAD = ("torch", "numpy", "transformers", "transformers.models.bert.modeling_bert",
            "transformers.models.bert.configuration_bert", "transformers.models.auto.tokenization_auto",
            "tokenizers", "peft", "hydra", "omegaconf", "datasets", "flwr_datasets.partitioner",
@@ -128,13 +130,13 @@ class ForkExecutor:
     def close(self) -> None:
         """SIGTERM the children still running, reap them, SIGKILL what is left after 5 s."""
         for pid in self.children:
-            _signal(pid, signal.SIGTERM)
+            signal_if_alive(pid, signal.SIGTERM)
         deadline = time.monotonic() + 5.0
         while self.children and time.monotonic() < deadline:
             time.sleep(0.05)
             self._reap()
         for pid in self.children:
-            _signal(pid, signal.SIGKILL)
+            signal_if_alive(pid, signal.SIGKILL)
 
     def _reap(self) -> None:
         for pid in list(self.children):
@@ -198,28 +200,6 @@ def _forget_own_package() -> None:
         del sys.modules[name]
 
 
-def _signal(pid: int, sig: int) -> None:
-    try:
-        os.kill(pid, sig)
-    except ProcessLookupError:
-        pass
-
-
-def is_running(pid: int) -> bool:
-    """Whether ``pid`` runs (a zombie, dead but not yet reaped by its parent, does not)."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as fh:
-            return fh.read().rsplit(b")", 1)[1].split()[0] != b"Z"
-    except (FileNotFoundError, ProcessLookupError, IndexError):
-        return False
-    except OSError:  # no procfs: the signal-0 probe (a zombie counts as alive there)
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return False
-        return True
-
-
 @dataclass(frozen=True)
 class Target:
     """One Runtime API to serve (a SuperNode's or a SuperLink's).
@@ -277,7 +257,7 @@ def serve_all(targets: Sequence[Target], pids_file: Path | None = None) -> NoRet
 
     def forward(signum: int, _frame: object) -> None:
         for pid in loops:
-            _signal(pid, signal.SIGTERM)
+            signal_if_alive(pid, signal.SIGTERM)
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, forward)
