@@ -34,7 +34,7 @@ def test_read_process_describes_this_process() -> None:
 
 def test_a_reaped_process_is_gone_and_a_zombie_is_not_running() -> None:
     proc = subprocess.Popen([sys.executable, "-c", "pass"])
-    while read_process(proc.pid) is not None and read_process(proc.pid).alive:
+    while is_running(proc.pid):
         time.sleep(0.01)
     zombie = read_process(proc.pid)  # exited, not yet reaped by us
     assert zombie is not None and zombie.state == "Z" and not is_running(proc.pid)

@@ -14,6 +14,7 @@ probe and :func:`process_table` is empty.
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import time
@@ -32,25 +33,33 @@ class ProcessInfo:
     ppid: int
     pgrp: int
     session: int
-    cmdline: str  # arguments joined by spaces; empty for kernel threads and zombies
 
     @property
     def alive(self) -> bool:
         return self.state != "Z"
+
+    @functools.cached_property
+    def cmdline(self) -> str:
+        """Arguments joined by spaces; empty for kernel threads, zombies and processes gone.
+
+        Read on first use, not with the row: most callers (the memory sampler of
+        ``simulations/bench_scale.py``, :func:`kill_session`) need only ``stat``."""
+        try:
+            raw = (PROC / str(self.pid) / "cmdline").read_bytes()
+        except OSError:
+            return ""
+        return raw.rstrip(b"\0").replace(b"\0", b" ").decode(errors="replace")
 
 
 def read_process(pid: int) -> ProcessInfo | None:
     """The row for ``pid``, or ``None`` when it has gone (or there is no procfs)."""
     try:
         stat = (PROC / str(pid) / "stat").read_text()
-        cmdline = (PROC / str(pid) / "cmdline").read_bytes()
     except OSError:
         return None
     # the command name in parentheses may itself contain spaces and ')': split after the last one
     fields = stat.rsplit(")", 1)[1].split()
-    state, ppid, pgrp, session = fields[0], int(fields[1]), int(fields[2]), int(fields[3])
-    args = cmdline.rstrip(b"\0").replace(b"\0", b" ").decode(errors="replace")
-    return ProcessInfo(pid, state, ppid, pgrp, session, args)
+    return ProcessInfo(pid, fields[0], int(fields[1]), int(fields[2]), int(fields[3]))
 
 
 def process_table() -> list[ProcessInfo]:
