@@ -122,6 +122,11 @@ class FedSB(FedtuneStrategy):
     """Fed-SB: one-time gradient → SVD → (B, A) broadcast, then exact averaging of R."""
 
     name = "fed_sb"
+    client_app_needs = (
+        f"a '{SETUP}' handler that answers an empty ArrayRecord with its mean full-weight gradients "
+        f"('<module>{GRAD_SUFFIX}') and 'num-examples', then keeps the bases '<module>.sb_B'/'<module>.sb_A' "
+        "of the second such message in Context.state and trains the cores R on them in every round",
+    )
 
     def __init__(self, *, rank: int = 32, alpha: float | None = None, init_samples: int = 32,
                  init_batch_size: int = 8, init_upload: str = "gradient", init_step: float | None = None,
