@@ -16,13 +16,13 @@ from typing import Any
 
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedtune.config import RunConfig, compose
-from fedtune.flower.nodes import ROLLCALL, no_handler_reason
+from fedtune.flower.nodes import BY_RANK, ROLLCALL, ROLLCALL_SOURCE, discover_nodes, no_handler_reason
 from fedtune.flower.strategy import FedtuneStrategy, RoundInfo
 from fedtune.registry import METHODS
 from fedtune.runtime.workspace import Workspace
@@ -192,3 +192,91 @@ def test_a_reply_without_flowers_records_is_rejected_with_a_clear_reason(task_id
     content = {k: ArrayRecord(arrays) if v is ... else v for k, v in records.items() if v is not None}
     strategy.aggregate_train(1, [Message(RecordDict(content), reply_to=msg)])
     assert strategy.rounds[1].failures[0].startswith(f"rejected payload: {reason}"), strategy.rounds[1].failures
+
+
+# ----------------------------------------------------------------------------- discovery, in process
+def _app(partition_id: int | None = None, broken: bool = False) -> ClientApp:
+    """A train-only ClientApp, plus a roll-call handler when ``partition_id`` is given."""
+    app = ClientApp()
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        return Message(RecordDict(), reply_to=msg)
+
+    if partition_id is not None:
+        @app.query("rollcall")
+        def rollcall(msg: Message, context: Context) -> Message:
+            if broken:
+                raise OSError("disk full")
+            return Message(RecordDict({"metrics": MetricRecord({"partition-id": partition_id})}), reply_to=msg)
+
+    return app
+
+
+class LocalGrid(Grid):
+    """Flower's ``Grid`` over ClientApps called in this process, replying as Flower's engine
+    does: an exception becomes an error reply ``"<class ...>:<'message'>"``."""
+
+    def __init__(self, apps: dict[int, ClientApp]) -> None:
+        self.apps = apps
+
+    def get_node_ids(self) -> list[int]:
+        return list(self.apps)
+
+    def send_and_receive(self, messages, *, timeout=None):  # type: ignore[no-untyped-def]
+        replies = []
+        for msg in messages:
+            node = msg.metadata.dst_node_id
+            context = Context(run_id=1, node_id=node, node_config={}, state=RecordDict(), run_config={})
+            try:
+                replies.append(self.apps[node](msg, context))
+            except Exception as exc:  # noqa: BLE001 - as the engine turns it into a reply
+                replies.append(Message(Error(code=2, reason=f"{type(exc)}:<'{exc}'>"), reply_to=msg))
+        return replies
+
+    def set_run(self, run_id):  # type: ignore[no-untyped-def]
+        raise NotImplementedError
+
+    @property
+    def run(self):  # type: ignore[no-untyped-def]
+        raise NotImplementedError
+
+    def create_message(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        raise NotImplementedError
+
+    def push_messages(self, messages):  # type: ignore[no-untyped-def]
+        raise NotImplementedError
+
+    def pull_messages(self, message_ids):  # type: ignore[no-untyped-def]
+        raise NotImplementedError
+
+
+def _discover(apps: dict[int, ClientApp], num_clients: int) -> tuple[Any, list[str]]:
+    handler = _Warnings()
+    logging.getLogger("flwr").addHandler(handler)
+    try:
+        return discover_nodes(LocalGrid(apps), num_clients, timeout=1.0), handler.lines
+    finally:
+        logging.getLogger("flwr").removeHandler(handler)
+
+
+def test_nodes_that_answer_the_rollcall_keep_their_partition_ids(task_identity: None) -> None:
+    nodes, warnings = _discover({30: _app(0), 10: _app(2), 20: _app(1)}, num_clients=3)
+    assert nodes.source == ROLLCALL_SOURCE and nodes.node_of == {0: 30, 1: 20, 2: 10} and warnings == []
+
+
+def test_one_node_without_a_rollcall_handler_numbers_every_node_by_rank(task_identity: None) -> None:
+    nodes, warnings = _discover({30: _app(0), 10: _app(), 20: _app()}, num_clients=3)
+    assert nodes.source == BY_RANK and nodes.node_of == {0: 10, 1: 20, 2: 30}
+    assert nodes.partition_of_node == {10: 0, 20: 1, 30: 2}
+    assert len(warnings) == 1 and BY_RANK_WARNING in warnings[0] and "2 of 3 nodes" in warnings[0]
+
+
+def test_ranks_need_exactly_num_clients_nodes(task_identity: None) -> None:
+    with pytest.raises(RuntimeError, match="4 nodes connected, but num_clients is 3"):
+        _discover({n: _app() for n in (1, 2, 3, 4)}, num_clients=3)
+
+
+def test_a_node_that_fails_the_rollcall_otherwise_stops_the_run(task_identity: None) -> None:
+    with pytest.raises(RuntimeError, match="node 2 failed the roll-call: .*disk full"):
+        _discover({1: _app(0), 2: _app(1, broken=True)}, num_clients=2)
