@@ -176,7 +176,7 @@ class FedSB(FedtuneStrategy):
             config = ConfigRecord({"server-round": server_round, "method": self.name})
             content = RecordDict({"arrays": ArrayRecord(arrays), "config": config})
             messages.append(Message(content, dst_node_id=self.node_of[pid], message_type=SETUP))
-        return list(grid.send_and_receive(messages, timeout=self.rollcall_timeout))
+        return self.require_handlers(list(grid.send_and_receive(messages, timeout=self.rollcall_timeout)), SETUP)
 
     def _gradient_updates(self, replies: list[Message]) -> list[ClientUpdate]:
         """Decoded gradient replies, sorted by partition id; all must share keys and shapes."""

@@ -280,3 +280,16 @@ def test_ranks_need_exactly_num_clients_nodes(task_identity: None) -> None:
 def test_a_node_that_fails_the_rollcall_otherwise_stops_the_run(task_identity: None) -> None:
     with pytest.raises(RuntimeError, match="node 2 failed the roll-call: .*disk full"):
         _discover({1: _app(0), 2: _app(1, broken=True)}, num_clients=2)
+
+
+@pytest.mark.parametrize("name", [n for n in METHODS.names() if _needs(n)])
+def test_a_client_app_with_the_rollcall_but_not_the_rest_is_told_what_to_provide(task_identity: None,
+                                                                                  name: str) -> None:
+    """Nodes that answer the roll-call but lack a method's other handlers are refused at
+    the first message they cannot serve, with the method's declared needs."""
+    strategy = METHODS.get(name).strategy_cls.from_config(_config(name))
+    grid = LocalGrid({10 + pid: _app(pid) for pid in range(NUM_NODES)})
+    with pytest.raises(RuntimeError) as caught:
+        strategy.configure_train(1, ArrayRecord(), ConfigRecord(), grid)
+    assert "nodes have no" in str(caught.value)
+    assert all(need in str(caught.value) for need in _needs(name)), str(caught.value)

@@ -40,6 +40,11 @@ def no_handler_reason(message_type: str) -> str:
     return f"No {category} function registered with name '{action or 'default'}'"
 
 
+def lacks_handler(reply: Message, message_type: str) -> bool:
+    """True when ``reply`` is the error of a ClientApp with no function for ``message_type``."""
+    return reply.has_error() and no_handler_reason(message_type) in str(reply.error.reason)
+
+
 @dataclass(frozen=True)
 class NodeMap:
     """Partition id → node id, and where it came from (one of :data:`ENGINE`,
@@ -74,7 +79,7 @@ def discover_nodes(grid: Grid, num_clients: int, timeout: float,
     answers, unable = [], []
     for reply in grid.send_and_receive(queries, timeout=timeout):
         node = reply.metadata.src_node_id
-        if reply.has_error() and no_handler_reason(ROLLCALL) in str(reply.error.reason):
+        if lacks_handler(reply, ROLLCALL):
             unable.append(node)
         elif reply.has_error():
             raise RuntimeError(f"node {node} failed the roll-call: {reply.error.reason}")

@@ -42,7 +42,7 @@ from flwr.serverapp.strategy import Result, Strategy
 
 from fedtune.comm.ledger import Ledger
 from fedtune.comm.metered_grid import MeteredGrid
-from fedtune.flower.nodes import ROLLCALL, discover_nodes
+from fedtune.flower.nodes import ROLLCALL, discover_nodes, lacks_handler
 from fedtune.flower.replies import Arrays, ClientUpdate, RoundInfo, decode_replies, missing_replies, weights_for
 from fedtune.flower.round_loop import run_rounds
 from fedtune.models.state import load_trainable_state
@@ -110,12 +110,23 @@ class FedtuneStrategy(Strategy):
 
         Runs right after the roll-call.  Send messages of type ``"train.setup"`` through
         ``grid.send_and_receive`` (they reach the trainer's ``setup`` method and are
-        metered as ``one_time`` traffic), e.g. Fed-SB's initial gradients and bases.
+        metered as ``one_time`` traffic), e.g. Fed-SB's initial gradients and bases, and
+        pass the replies through :meth:`require_handlers`, so that a ClientApp without the
+        handler is refused with what it must provide (:attr:`client_app_needs`).
         """
 
     def resync(self, grid: Grid, server_round: int) -> None:
         """After a resume, give clients again what :meth:`setup` gave them once (default:
         nothing; Fed-SB re-sends its bases).  Metered as ``resume`` traffic."""
+
+    def require_handlers(self, replies: list[Message], message_type: str) -> list[Message]:
+        """``replies`` unchanged, unless a node has no ``message_type`` handler (a plain
+        ClientApp): then a ``RuntimeError`` that says what each ClientApp must provide."""
+        lacking = [r.metadata.src_node_id for r in replies if lacks_handler(r, message_type)]
+        if lacking:
+            raise RuntimeError(self._needs_error(f"{len(lacking)} of {len(replies)} nodes have no "
+                                                 f"'{message_type}' handler"))
+        return replies
 
     def checkpoint_state(self) -> dict[str, Any]:
         """Everything this strategy holds, but the run's node ids (a new run has new ones).
@@ -259,13 +270,15 @@ class FedtuneStrategy(Strategy):
         its messages are counted as "control" traffic)."""
         nodes = discover_nodes(grid, self.num_clients, self.rollcall_timeout, self.roster)
         if nodes.by_rank and self.client_app_needs:
-            raise RuntimeError(
-                f"{type(self).__name__} cannot drive a ClientApp that has only the standard handlers (its "
-                f"nodes do not answer '{ROLLCALL}'): each ClientApp must provide "
-                f"{'; '.join(self.client_app_needs)}; and a '{ROLLCALL}' query handler replying "
-                f"MetricRecord({{'partition-id': i}}) (fedtune's own ClientApp, fedtune.flower.client_app, has all)")
+            raise RuntimeError(self._needs_error(f"its nodes do not answer '{ROLLCALL}'"))
         self.node_of, self.partition_of_node = dict(nodes.node_of), nodes.partition_of_node
         self.ledger.attribute(self.partition_of_node)
+
+    def _needs_error(self, why: str) -> str:
+        needs = "; ".join(self.client_app_needs) or "the handlers of fedtune's ClientApp"
+        return (f"{type(self).__name__} cannot drive this ClientApp ({why}): each ClientApp must provide "
+                f"{needs}; and a '{ROLLCALL}' query handler replying MetricRecord({{'partition-id': i}}) "
+                f"(fedtune's own ClientApp, fedtune.flower.client_app, has all)")
 
     def _decode(self, replies: Iterable[Message], info: RoundInfo,
                 unattributed: list[str] | None = None) -> Iterable[ClientUpdate]:
