@@ -28,11 +28,13 @@ from fedtune.registry import METHODS
 from fedtune.runtime.workspace import Workspace
 from fedtune.sampling import sample_partitions
 from fedtune.trainer import TrainContext
+from strategies.fedavg_lora import FedAvgLoRA
 
 NUM_NODES, PER_ROUND, ROUNDS, SEED = 3, 2, 2, 5  # federation.fraction=0.67: 2 of 3 per round
 BASE = (f"model=tiny dataset=tiny federation.num_clients={NUM_NODES} federation.fraction=0.67 "
         f"train.local_steps=2 runtime.device=cpu num_rounds={ROUNDS} seed={SEED}")
 QUICK = {"num_seeds": 64, "local_steps": 8}  # method config fields shrunk for the tiny model, where present
+VERBATIM = "FedAvgLoRA(num_clients=3, clients_per_round=3).start(grid, ArrayRecord(init), num_rounds=2)"
 BY_RANK_WARNING = "reproducible only for the same node ids"
 RAY = {"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
        "init_args": {"num_cpus": 2, "object_store_memory": 128 * 2**20, "include_dashboard": False}}
@@ -111,6 +113,9 @@ def plain_runs() -> dict[str, dict[str, Any]]:
             finally:
                 logging.getLogger("flwr").removeHandler(handler)
             runs[name]["warnings"] = handler.lines
+        initial = Workspace(configs[FedAvgLoRA.name]).initial_arrays()  # the call, word for word
+        result = FedAvgLoRA(num_clients=3, clients_per_round=3).start(grid, ArrayRecord(initial), num_rounds=2)
+        runs[VERBATIM] = {"initial": initial, "result": result}
 
     cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the ClientApp is defined here
     try:
@@ -139,6 +144,17 @@ def test_a_strategy_trains_against_a_plain_client_app(plain_runs: dict, name: st
         "training moved no global tensor"
     assert all(torch.isfinite(v).all() for v in strategy.global_arrays.values())
     assert sum(BY_RANK_WARNING in line for line in run["warnings"]) == 1, run["warnings"]
+
+
+@pytest.mark.simulation
+def test_the_call_a_flower_user_makes_trains_all_three_clients(plain_runs: dict) -> None:
+    run = plain_runs[VERBATIM]
+    assert sorted(run["result"].train_metrics_clientapp) == [1, 2]
+    for metrics in run["result"].train_metrics_clientapp.values():
+        assert metrics["num-replies"] == 3 and metrics["num-failures"] == 0
+    final = run["result"].arrays.to_torch_state_dict()
+    assert final.keys() == run["initial"].keys()
+    assert any(not torch.equal(final[k], v) for k, v in run["initial"].items())
 
 
 @pytest.mark.simulation
