@@ -36,7 +36,10 @@ import pytest
 
 from fedtune.config import compose
 from fedtune.results.store import METRIC_COLUMNS
-from fedtune.runtime.deploy import LocalTrial, app_snapshot, stop_process, stop_processes
+from fedtune.runtime.credentials import make_node_key
+from fedtune.runtime.deploy import LocalTrial
+from fedtune.runtime.flower_home import app_snapshot
+from fedtune.runtime.processes import stop_process, stop_processes
 from fedtune.runtime.simulation import simulate
 from fedtune.runtime.workspace import Workspace
 
@@ -101,6 +104,14 @@ def wait_for(proc: subprocess.Popen, timeout: float) -> int:
         raise
 
 
+def start_intruder(trial: LocalTrial, name: str = "intruder", max_wait: float = 10.0) -> subprocess.Popen:
+    """A SuperNode of ``trial`` whose (valid, but unregistered) key must be refused; it gives
+    up after ``max_wait`` seconds.  It never runs an app, so it gets no SuperExec."""
+    key = make_node_key(trial.dir / "credentials", name)
+    extra = ["--max-retries", "2", "--max-wait-time", f"{max_wait:g}", "--isolation", "process"]
+    return trial.start_supernode(0, key, name=name, extra=extra)
+
+
 # ---------------------------------------------------------------------------------------- fixtures
 @dataclass
 class Federation:
@@ -121,7 +132,7 @@ def federation(ray_cluster: RayCluster, tmp_path_factory: pytest.TempPathFactory
                        warm=True)
     try:
         trial.start(timeout=120)
-        intruder = trial.start_intruder(max_wait=5)  # a valid key nobody registered
+        intruder = start_intruder(trial, max_wait=5)  # a valid key nobody registered
         trial.wait_for_nodes(3, timeout=180)
         yield Federation(trial, intruder)
     finally:
@@ -167,7 +178,7 @@ def ray_cluster() -> Iterator[RayCluster]:
         # grace: gcs_server, raylet and the autoscaler monitor outlast 10 s of SIGTERM anyway.
         stop_processes([p.info["pid"] for p in psutil.process_iter(["pid", "cmdline"])
                         if temp_dir in " ".join(p.info["cmdline"] or []) or
-                        f"127.0.0.1:{head}" in " ".join(p.info["cmdline"] or [])], timeout=2)
+                        f"127.0.0.1:{head}" in " ".join(p.info["cmdline"] or [])], timeout_s=2)
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
@@ -307,7 +318,7 @@ def test_trial_credentials_and_local_data(tmp_path: Path) -> None:
     from fedtune.data.sources import TINY_FILE
     from fedtune.flower.client_app import workspace_for
     from fedtune.runtime.credentials import make_trial_credentials
-    from fedtune.runtime.deploy import write_federation
+    from fedtune.runtime.flower_home import write_federation
     from fedtune.runtime.workspace import LocalDataWorkspace
 
     creds = make_trial_credentials(tmp_path / "creds", 2)
@@ -342,7 +353,7 @@ def test_warm_superexec_starts_tasks_as_flower_does(monkeypatch: pytest.MonkeyPa
     from flwr.supercore.constant import TaskType
     from flwr.supercore.superexec.executor import ExecutionSpec, SubprocessExecutor
 
-    from fedtune.runtime import warm_superexec
+    from fedtune.runtime import flower_private, warm_superexec
 
     started: list[list[str]] = []
     monkeypatch.setattr(subprocess, "Popen", lambda args, **kw: started.append(list(args)))
@@ -351,8 +362,8 @@ def test_warm_superexec_starts_tasks_as_flower_does(monkeypatch: pytest.MonkeyPa
                              root_certificates_path=ca, runtime_dependency_install=False, parent_pid=42,
                              suppress_output=False, task_id=7)
         SubprocessExecutor().launch(spec)
-        assert started[-1][1:] == warm_superexec.task_arguments(spec)
-        assert started[-1][0] in warm_superexec.entry_points()
+        assert started[-1][1:] == flower_private.task_arguments(spec)
+        assert started[-1][0] == flower_private.task_command(spec) in flower_private.task_entry_points()
     targets = [warm_superexec.Target("supernode0", "127.0.0.1:9094", None, 42),
                warm_superexec.Target("superlink", "127.0.0.1:9093", "/ca.crt", 41)]
     (tmp_path / "t.json").write_text(json.dumps([t.__dict__ for t in targets]))

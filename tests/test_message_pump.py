@@ -25,7 +25,8 @@ from flwr.supercore.task_identity import TaskIdentity
 from flwr.superlink.federation import NoOpFederationManager
 from flwr.superlink.grid import InMemoryGrid
 
-from fedtune.runtime.message_pump import fast_message_pump, pump_once
+from fedtune.runtime.flower_private import pump_once
+from fedtune.runtime.message_pump import fast_message_pump
 
 
 @pytest.fixture(autouse=True)

@@ -8,7 +8,8 @@ import time
 
 import pytest
 
-from fedtune.runtime.processes import is_running, kill_session, process_table, read_process
+from fedtune.runtime.processes import (family, is_running, kill_processes, kill_session, process_table, read_process,
+                                       stop_process)
 
 pytestmark = pytest.mark.skipif(not os.path.isdir("/proc"), reason="reads /proc")
 
@@ -19,6 +20,16 @@ import os, subprocess, sys, time
 child = subprocess.Popen([sys.executable, "-c", "import os, time; os.setpgrp(); time.sleep(120)"])
 while os.getpgid(child.pid) == os.getpgrp():  # until the child has left our group
     time.sleep(0.01)
+print(child.pid, flush=True)
+time.sleep(120)
+"""
+
+# A parent whose child ignores SIGTERM (as a stuck SuperExec child might); prints the child's pid.
+STUBBORN_CHILD = """
+import signal, subprocess, sys, time
+child = subprocess.Popen([sys.executable, "-c", "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+                          "print(flush=True); time.sleep(120)"], stdout=subprocess.PIPE)
+child.stdout.readline()  # its handler is in place
 print(child.pid, flush=True)
 time.sleep(120)
 """
@@ -58,3 +69,26 @@ def test_kill_session_reaches_a_child_that_left_the_process_group() -> None:
         kill_session(leader.pid)
         leader.stdout.close()
 
+
+
+def test_stop_process_ends_the_tree_and_kills_what_ignores_sigterm() -> None:
+    parent = subprocess.Popen([sys.executable, "-c", STUBBORN_CHILD], stdout=subprocess.PIPE, text=True)
+    try:
+        child = int(parent.stdout.readline())
+        assert family([parent.pid]) == [parent.pid, child]
+        started = time.monotonic()
+        assert stop_process(parent.pid, timeout_s=1.0) == []  # SIGTERM ends the parent; the child needs SIGKILL
+        assert time.monotonic() - started >= 1.0
+        assert parent.wait(timeout=5) == -signal.SIGTERM and not is_running(child)
+    finally:
+        kill_processes([parent.pid])
+        parent.stdout.close()
+
+
+def test_kill_processes_takes_the_children_too() -> None:
+    parent = subprocess.Popen([sys.executable, "-c", STUBBORN_CHILD], stdout=subprocess.PIPE, text=True)
+    child = int(parent.stdout.readline())
+    assert kill_processes([parent.pid], timeout_s=10) == []
+    assert parent.wait(timeout=5) == -signal.SIGKILL and not is_running(child)
+    assert kill_processes([parent.pid]) == []  # gone already: no error
+    parent.stdout.close()

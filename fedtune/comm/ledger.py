@@ -5,8 +5,9 @@
 * **wire bytes**: the length of its serialized object tree as Flower's transport ships
   it (``Message`` → ``RecordDict`` → records → ``Array`` → ``ArrayChunk``; every node
   deflated with Flower's own serde, identical chunks deduplicated as the SuperLink
-  object store does).  This is what the deployment engine sends; in simulation the
-  same objects are built.
+  object store does; walked through the public ``children``, ``object_id`` and
+  ``deflate()`` of Flower's message classes).  This is what the deployment engine
+  sends; in simulation the same objects are built.
 * **payload bytes**: the scalars the method actually needs, ``numel × itemsize`` of
   every array in the message's ``ArrayRecord``\\ s (algorithms.md §1.1).  Everything
   else (npy headers, keys, protobuf, round numbers, metrics) is framing/control.
@@ -19,11 +20,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field, replace
-from typing import Iterable
+from typing import Any, Iterable
 
 import numpy as np
 from flwr.app import Message, RecordDict
-from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 
 DOWN, UP = "down", "up"
 RESUME = "resume"
@@ -51,9 +51,18 @@ def payload_bytes(content: RecordDict) -> int:
     return total
 
 
+def object_tree(obj: Any, seen: dict[str, Any] | None = None) -> dict[str, Any]:
+    """``obj`` and every object below it, once per object id (children before parents)."""
+    seen = {} if seen is None else seen
+    for child in (obj.children or {}).values():
+        object_tree(child, seen)
+    seen[obj.object_id] = obj
+    return seen
+
+
 def measure(message: Message) -> tuple[int, int]:
     """Return ``(wire_bytes, payload_bytes)`` of a message."""
-    wire = sum(len(obj.deflate()) for obj in get_all_nested_objects(message).values())
+    wire = sum(len(obj.deflate()) for obj in object_tree(message).values())
     payload = payload_bytes(message.content) if message.has_content() else 0
     return wire, payload
 

@@ -12,8 +12,9 @@ one machine exercises exactly what participants run on theirs:
   (its partition of the named dataset) or, with ``data_paths``, also ``data-path=...``
   (its own local file; see :mod:`fedtune.flower.client_app`).  Each SuperNode needs its
   own runtime-API port, here ``port + 1 + i``.
-* a federation entry in ``$FLWR_HOME/config.toml`` (1.41 keeps connections there, not
-  in ``pyproject.toml``), so ``flwr run . <federation>`` reaches this SuperLink.
+* a federation entry in ``$FLWR_HOME/config.toml``
+  (:func:`~fedtune.runtime.flower_home.write_federation`), so ``flwr run . <federation>``
+  reaches this SuperLink.
 * ``warm=True``: the SuperLink and SuperNodes run with ``--isolation process`` and one
   :mod:`fedtune.runtime.warm_superexec` serves them all, forking each app process from
   a parent that imported torch once (Flower's own SuperExec starts a fresh interpreter
@@ -26,62 +27,28 @@ any node may join) must be asked for and logs a warning.
 
 Every process is started in its own session with its log in ``<dir>/logs/`` and its
 PID in ``<dir>/pids.json``; :meth:`LocalTrial.stop` ends them (and the children they
-spawned: superexec, ``flwr-serverapp``, ``flwr-clientapp``) by PID, with bounded waits.
+spawned: superexec, ``flwr-serverapp``, ``flwr-clientapp``) by PID, with bounded waits
+(:func:`fedtune.runtime.processes.stop_processes`).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shlex
-import shutil
-import signal
 import socket
 import subprocess
 import sys
 import time
-import tomllib
 import warnings
 from pathlib import Path
 from typing import Any
 
-import psutil
-import tomli_w
+from fedtune.runtime.credentials import NodeKey, TrialCredentials, make_trial_credentials
+from fedtune.runtime.flower_home import FEDERATION, flower_env, write_federation
+from fedtune.runtime.flower_private import WARM_SUPEREXEC, usable
+from fedtune.runtime.processes import kill_processes, stop_process
 
-from fedtune.runtime.credentials import NodeKey, TrialCredentials, make_node_key, make_trial_credentials
-
-FEDERATION = "fedtune-local"
 HOST = "127.0.0.1"
-FLOWER_ENV = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
-              "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "HF_HUB_OFFLINE": "1",
-              "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-
-
-def flower_env(flwr_home: Path) -> dict[str, str]:
-    """The environment for Flower binaries: this venv's ``bin`` first, a private ``FLWR_HOME``."""
-    bin_dir = str(Path(sys.executable).parent)
-    return {**os.environ, **FLOWER_ENV, "FLWR_HOME": str(flwr_home),
-            "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
-
-
-def write_federation(flwr_home: Path, name: str, address: str, root_certificates: Path | None) -> Path:
-    """Add (or replace) the connection ``name`` in ``$FLWR_HOME/config.toml`` and make it the default.
-
-    ``root_certificates=None`` writes ``insecure = true`` (plain HTTP).
-    """
-    path = Path(flwr_home) / "config.toml"
-    data: dict[str, Any] = tomllib.loads(path.read_text()) if path.is_file() else {}
-    links = data.setdefault("superlink", {})
-    entry: dict[str, Any] = {"address": address}
-    if root_certificates is None:
-        entry["insecure"] = True
-    else:
-        entry["root-certificates"] = str(Path(root_certificates).resolve())
-    links[name] = entry
-    links["default"] = name
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(tomli_w.dumps(data))
-    return path
 
 
 def wait_for_port(port: int, proc: subprocess.Popen, log_file: Path, timeout: float) -> None:
@@ -103,34 +70,6 @@ def tail(log_file: Path, lines: int = 5) -> str:
     return " | ".join(text.strip().splitlines()[-lines:])
 
 
-def stop_process(pid: int, timeout: float = 10.0) -> None:
-    """SIGTERM ``pid`` and the children it spawned, SIGKILL what is left after ``timeout``."""
-    stop_processes([pid], timeout)
-
-
-def stop_processes(pids: list[int], timeout: float = 10.0) -> None:
-    """:func:`stop_process` for several processes at once: one shared wait, not one per process."""
-    family: dict[int, psutil.Process] = {}
-    for pid in pids:
-        try:
-            root = psutil.Process(pid)
-            family.update((p.pid, p) for p in [root, *root.children(recursive=True)])
-        except psutil.NoSuchProcess:
-            continue
-    for p in family.values():
-        try:
-            p.send_signal(signal.SIGTERM)
-        except psutil.NoSuchProcess:
-            pass
-    _, alive = psutil.wait_procs(list(family.values()), timeout=timeout)
-    for p in alive:
-        try:
-            p.kill()
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(alive, timeout=timeout)
-
-
 class LocalTrial:
     """A SuperLink and ``num_nodes`` SuperNodes on 127.0.0.1 (see the module docstring).
 
@@ -144,7 +83,8 @@ class LocalTrial:
     warm : run the SuperLink and SuperNodes with ``--isolation process`` and serve them all
         from one :mod:`fedtune.runtime.warm_superexec` (process ``superexec``): apps start
         by forking a preloaded process instead of importing torch for every message.
-        ``False``: each gets Flower's own SuperExec.
+        ``False``, or a Flower version the warm SuperExec was not checked against (said in
+        one line): each gets Flower's own SuperExec.
     """
 
     def __init__(self, workdir: str | Path, num_nodes: int = 3, port: int = 39500, insecure: bool = False,
@@ -157,7 +97,8 @@ class LocalTrial:
             raise ValueError(f"data_paths: {len(data_paths)} paths for {num_nodes} nodes")
         self.dir = Path(workdir).resolve()
         self.num_nodes, self.port, self.insecure = num_nodes, port, insecure
-        self.data_paths, self.federation, self.warm = data_paths, federation, warm
+        self.data_paths, self.federation = data_paths, federation
+        self.warm = warm and usable(WARM_SUPEREXEC)
         self.flwr_home = self.dir / "flwr-home"
         self.env = flower_env(self.flwr_home)
         self.creds: TrialCredentials | None = None
@@ -284,13 +225,6 @@ class LocalTrial:
         self._extra_ports += 1
         return self.port + self.num_nodes + self._extra_ports
 
-    def start_intruder(self, name: str = "intruder", max_wait: float = 10.0) -> subprocess.Popen:
-        """A SuperNode whose (valid, but unregistered) key must be refused; it gives up after
-        ``max_wait`` seconds.  It never runs an app, so it gets no SuperExec."""
-        key = make_node_key(self.dir / "credentials", name)
-        extra = ["--max-retries", "2", "--max-wait-time", f"{max_wait:g}", "--isolation", "process"]
-        return self.start_supernode(0, key, name=name, extra=extra)
-
     def online_nodes(self, timeout: float = 30.0) -> list[dict[str, Any]]:
         """``flwr supernode list --format json``: the nodes the SuperLink knows, with their status."""
         done = subprocess.run(["flwr", "supernode", "list", self.federation, "--format", "json"], env=self.env,
@@ -353,19 +287,7 @@ class LocalTrial:
         roots = [self.procs[name].pid]
         if (loop := self.superexec_loop(name)) is not None:
             roots.append(loop)
-        family: list[psutil.Process] = []
-        for pid in roots:
-            try:
-                root = psutil.Process(pid)
-                family += [root, *root.children(recursive=True)]
-            except psutil.NoSuchProcess:
-                pass
-        for p in family:
-            try:
-                p.kill()
-            except psutil.NoSuchProcess:
-                pass
-        psutil.wait_procs(family, timeout=10)
+        kill_processes(roots, timeout_s=10)
         self.procs[name].wait(timeout=10)
 
     def stop(self, timeout: float = 10.0) -> None:
@@ -383,30 +305,3 @@ class LocalTrial:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
-
-def app_snapshot(app_dir: str | Path, dest: str | Path) -> Path:
-    """Copy what the app's FAB carries (``pyproject.toml`` and its ``fab-include`` files) to ``dest``.
-
-    ``flwr run <dir>`` walks *every* file under ``<dir>`` before filtering (Flower 1.41's
-    ``collect_files``), a virtual environment included: ~7 CPU s per run for a repository
-    with ``.venv/`` inside.  Running from a snapshot builds the same bundle in a fraction.
-    """
-    src, out = Path(app_dir).resolve(), Path(dest).resolve()
-    project = tomllib.loads((src / "pyproject.toml").read_text())
-    patterns = project.get("tool", {}).get("flwr", {}).get("app", {}).get("fab-include")
-    if not patterns:
-        raise ValueError(f"{src / 'pyproject.toml'}: no [tool.flwr.app] fab-include to snapshot")
-    files = {src / "pyproject.toml", *(p for p in [src / ".gitignore"] if p.is_file())}
-    for pattern in patterns:
-        files.update(p for p in src.glob(pattern) if p.is_file() and "__pycache__" not in p.parts)
-    for path in files:
-        target = out / path.relative_to(src)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(path, target)
-    return out
-
-
-def shell_commands(trial: LocalTrial) -> str:
-    """The equivalent shell commands (for the README and ``fedtune deploy start``'s output)."""
-    lines = [shlex.join(p.args) for p in trial.procs.values()]  # type: ignore[arg-type]
-    return "\n".join(lines)

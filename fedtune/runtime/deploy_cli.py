@@ -18,10 +18,10 @@ import shlex
 import sys
 from pathlib import Path
 
-import psutil
-
 from fedtune.runtime.credentials import DEFAULT_HOSTS, make_trial_credentials
-from fedtune.runtime.deploy import FEDERATION, LocalTrial, stop_process
+from fedtune.runtime.deploy import LocalTrial
+from fedtune.runtime.flower_home import FEDERATION
+from fedtune.runtime.processes import read_process, stop_process
 
 TRIAL_COMMANDS = ("flower-superlink", "flower-supernode", "fedtune.runtime.warm_superexec")
 
@@ -53,14 +53,13 @@ def _stop(args: argparse.Namespace) -> None:
     if not pid_file.is_file():
         raise FileNotFoundError(f"--dir: no pids.json in {args.dir} (was the trial started there?)")
     for name, pid in reversed(list(json.loads(pid_file.read_text()).items())):
-        try:
-            cmdline = " ".join(psutil.Process(pid).cmdline())
-        except psutil.NoSuchProcess:
+        row = read_process(pid)
+        if row is None or not row.alive:
             continue
-        if not any(b in cmdline for b in TRIAL_COMMANDS):  # the PID was reused by something else
+        if not any(b in row.cmdline for b in TRIAL_COMMANDS):  # the PID was reused by something else
             print(f"fedtune: {name} (PID {pid}) is no longer a Flower process; left alone", file=sys.stderr)
             continue
-        stop_process(pid, timeout=args.timeout)
+        stop_process(pid, timeout_s=args.timeout)
         print(f"fedtune: stopped {name} (PID {pid})")
     os.replace(pid_file, pid_file.with_suffix(".json.stopped"))
 

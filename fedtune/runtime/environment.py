@@ -26,29 +26,22 @@ DEFAULT_ENV = {
 }
 
 
-class _DropDeprecation(logging.Filter):
-    """Hide Flower's notice that ``run_simulation`` is deprecated (we also ship ``flwr run``)."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        text = record.getMessage()
-        return "run_simulation" not in text and "DEPRECATED FEATURE" not in text
-
-
 def set_default_env() -> None:
     for key, value in DEFAULT_ENV.items():
         os.environ.setdefault(key, value)
 
 
 def quiet_libraries(flower_level: str = "WARNING") -> None:
-    """Flower at ``flower_level``; transformers/peft/datasets warnings that are expected, off."""
+    """Flower at ``flower_level``; the libraries' expected chatter off, their warnings kept.
+
+    One warning is dropped, where it is raised: peft's ``PeftModel`` asks every model it
+    wraps for ``is_gradient_checkpointing``, a property transformers has deprecated, so
+    each LoRA model built would print transformers' FutureWarning although fedtune never
+    uses the property.
+    """
     set_default_env()
-    flwr_logger = logging.getLogger("flwr")
-    flwr_logger.setLevel(getattr(logging, flower_level.upper(), logging.WARNING))
-    if not any(isinstance(f, _DropDeprecation) for f in flwr_logger.filters):
-        flwr_logger.addFilter(_DropDeprecation())
-        for handler in flwr_logger.handlers:
-            handler.addFilter(_DropDeprecation())
+    logging.getLogger("flwr").setLevel(getattr(logging, flower_level.upper(), logging.WARNING))
     for name in ("transformers", "peft", "datasets", "filelock", "httpx"):
         logging.getLogger(name).setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
+    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning,
+                            module=r"transformers\.modeling_utils")

@@ -8,8 +8,11 @@ by *session* rather than by process group matters because Ray may move its worke
 process groups of their own (``RAY_process_group_cleanup_enabled``), while a process
 leaves its session only by calling ``setsid``, which Ray's cluster processes do not.
 
+Stopping a process tree (:func:`stop_processes`: SIGTERM, a bounded wait, SIGKILL) follows
+the parent links of the same table, so a SuperNode's SuperExec and app processes go with it.
+
 Linux reads ``/proc/PID/stat``; elsewhere :func:`is_running` falls back to a signal-0
-probe and :func:`process_table` is empty.
+probe and :func:`process_table` is empty (a tree is then its root alone).
 """
 
 from __future__ import annotations
@@ -118,3 +121,55 @@ def kill_session(session: int, timeout_s: float = 10.0) -> list[ProcessInfo]:
         for p in left:
             signal_if_alive(p.pid, signal.SIGKILL)
         time.sleep(0.05)
+
+
+
+def family(pids: list[int]) -> list[int]:
+    """``pids`` and every process they spawned, their children, and so on (from the
+    parent links of one read of the process table)."""
+    children: dict[int, list[int]] = {}
+    for p in process_table():
+        children.setdefault(p.ppid, []).append(p.pid)
+    found: dict[int, None] = {}
+    todo = list(pids)
+    while todo:
+        pid = todo.pop()
+        if pid not in found:
+            found[pid] = None
+            todo += children.get(pid, [])
+    return list(found)
+
+
+def wait_until_gone(pids: list[int], timeout_s: float) -> list[int]:
+    """Poll until none of ``pids`` runs (a zombie counts as gone); return those still running."""
+    deadline = time.monotonic() + timeout_s
+    while (left := [pid for pid in pids if is_running(pid)]) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return left
+
+
+def kill_processes(pids: list[int], timeout_s: float = 10.0) -> list[int]:
+    """SIGKILL ``pids`` and every process they spawned; wait up to ``timeout_s`` until
+    they are gone; return those still running."""
+    members = family(pids)
+    for pid in members:
+        signal_if_alive(pid, signal.SIGKILL)
+    return wait_until_gone(members, timeout_s)
+
+
+def stop_processes(pids: list[int], timeout_s: float = 10.0) -> list[int]:
+    """SIGTERM ``pids`` and every process they spawned, SIGKILL what still runs after
+    ``timeout_s`` (one shared wait for all); return those still running after that.
+    A process already gone is no error."""
+    members = family(pids)
+    for pid in members:
+        signal_if_alive(pid, signal.SIGTERM)
+    left = wait_until_gone(members, timeout_s)
+    for pid in left:
+        signal_if_alive(pid, signal.SIGKILL)
+    return wait_until_gone(left, timeout_s)
+
+
+def stop_process(pid: int, timeout_s: float = 10.0) -> list[int]:
+    """:func:`stop_processes` for one process and what it spawned."""
+    return stop_processes([pid], timeout_s)

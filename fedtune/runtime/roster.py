@@ -9,8 +9,9 @@ engine registers the virtual nodes itself (``vce_api._register_nodes``) and give
 where a roll-call is one ClientApp call per virtual client (about 13 ms each on 2 cores:
 over two minutes at 10,000 clients, ``simulations/bench_scale.py``).
 
-:func:`capture_roster` records the map while one ``run_simulation`` runs;
-``runtime.node_map=rollcall`` keeps the roll-call instead.
+:func:`capture_roster` records the map while one ``run_simulation`` runs (through
+:mod:`fedtune.runtime.flower_private`: on another Flower version it says so in one line,
+and the server holds the roll-call); ``runtime.node_map=rollcall`` keeps the roll-call.
 """
 
 from __future__ import annotations
@@ -18,9 +19,8 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
 
-from fedtune.runtime.message_pump import supported
+from fedtune.runtime.flower_private import ENGINE_NODE_MAP, on_nodes_registered, usable
 
 
 class SimulationRoster:
@@ -45,23 +45,11 @@ def capture_roster(enabled: bool = True) -> Iterator[SimulationRoster | None]:
     """Record the node map of the simulation started inside the block.
 
     Yields ``None`` (the server then holds a roll-call) when disabled or when Flower's
-    engine is not a version this was checked against.  The engine is restored on exit.
+    engine is not the version this was checked against.  The engine is restored on exit.
     """
-    if not enabled or not supported():
+    if not enabled or not usable(ENGINE_NODE_MAP):
         yield None
         return
-    from flwr.server.superlink.fleet.vce import vce_api
-
     roster = SimulationRoster()
-    original = vce_api._register_nodes
-
-    def register_nodes(*args: Any, **kwargs: Any) -> dict[int, int]:
-        mapping = original(*args, **kwargs)
-        roster.record(mapping)
-        return mapping
-
-    vce_api._register_nodes = register_nodes
-    try:
+    with on_nodes_registered(roster.record):
         yield roster
-    finally:
-        vce_api._register_nodes = original

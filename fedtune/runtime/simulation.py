@@ -16,6 +16,7 @@ from typing import Any
 from fedtune.config import RunConfig
 from fedtune.results.store import atomic_write_text
 from fedtune.runtime.environment import quiet_libraries
+from fedtune.runtime.flower_private import drop_run_simulation_deprecation, quiet_actor_shutdown
 from fedtune.runtime.message_pump import fast_message_pump
 from fedtune.runtime.roster import capture_roster
 
@@ -93,8 +94,9 @@ def simulate(cfg: RunConfig, out_dir: str | Path, resume: bool = False) -> dict[
     try:
         if cfg.runtime.ray_address:
             cluster = attach_cluster(cfg)
+        drop_run_simulation_deprecation()
         with (fast_message_pump(cfg.runtime.fast_message_pump),
-              capture_roster(cfg.runtime.node_map == "engine") as roster):
+              capture_roster(cfg.runtime.node_map == "engine") as roster, quiet_actor_shutdown()):
             run_simulation(server_app=make_server_app(cfg, out_dir, resume, roster),
                            client_app=make_client_app(cfg.to_dict()),
                            num_supernodes=cfg.federation.num_clients, backend_config=backend_config(cfg))

@@ -25,7 +25,9 @@ or, for several nodes on one machine from one preload (what ``LocalTrial(warm=Tr
 does), ``--targets targets.json``: one loop per Runtime API, forked after the preload.
 
 POSIX only (``fork``).  The parent never runs a torch operation, so no thread pool
-exists when it forks.
+exists when it forks.  Flower's loop, its executor protocol and its task arguments are
+internals (:mod:`fedtune.runtime.flower_private`): on another Flower version this
+SuperExec refuses to start, and :class:`~fedtune.runtime.deploy.LocalTrial` uses Flower's own.
 """
 
 from __future__ import annotations
@@ -43,6 +45,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn
 
+from fedtune.runtime.flower_private import (WARM_SUPEREXEC, forget_exit_handlers, launch_accepted, notice,
+                                            run_superexec_loop, subprocess_executor, task_arguments, task_command,
+                                            task_entry_points, usable)
 from fedtune.runtime.processes import is_running, signal_if_alive
 
 PRELOAD = ("torch", "numpy", "transformers", "transformers.models.bert.modeling_bert",
@@ -66,14 +71,6 @@ def preload(modules: Sequence[str] = PRELOAD) -> list[str]:
     return loaded
 
 
-def entry_points() -> dict[str, Callable[[], None]]:
-    """Task type -> the function its Flower console script calls (``flwr-clientapp`` ...)."""
-    from flwr.superlink.cli import flwr_serverapp
-    from flwr.supernode.cli import flwr_clientapp
-
-    return {"flwr-clientapp": flwr_clientapp, "flwr-serverapp": flwr_serverapp}
-
-
 class ForkExecutor:
     """A Flower SuperExec ``Executor`` that forks the warm parent for each task.
 
@@ -88,12 +85,10 @@ class ForkExecutor:
     """
 
     def __init__(self, watch_pid: int | None = None) -> None:
-        from flwr.supercore.superexec.executor import SubprocessExecutor
-
         self.children: dict[int, str] = {}
         self.watch_pid = watch_pid
-        self._fallback = SubprocessExecutor()
-        self._entries = entry_points()
+        self._fallback = subprocess_executor()
+        self._entries = task_entry_points()
 
     # --- Flower's Executor protocol ---------------------------------------------------
     def get_eligible_capacity(self, supported_task_types: set, *, insecure: bool = False,
@@ -105,10 +100,7 @@ class ForkExecutor:
         return None
 
     def launch(self, spec):  # type: ignore[no-untyped-def]  # ExecutionSpec -> LaunchResult
-        from flwr.supercore.constant import TASK_TYPE_TO_COMMAND
-        from flwr.supercore.superexec.executor import LaunchResult
-
-        command = TASK_TYPE_TO_COMMAND[spec.task_type]
+        command = task_command(spec)
         entry = self._entries.get(command)
         if entry is None:
             return self._fallback.launch(spec)
@@ -118,7 +110,7 @@ class ForkExecutor:
         if pid == 0:  # the child never returns
             _run_child(entry, [command, *task_arguments(spec)], spec.suppress_output)
         self.children[pid] = command
-        return LaunchResult.accepted()
+        return launch_accepted()
 
     def reconcile(self) -> None:
         """Reap finished children; stop everything once the watched process is gone."""
@@ -148,31 +140,13 @@ class ForkExecutor:
                 del self.children[pid]
 
 
-def task_arguments(spec) -> list[str]:  # type: ignore[no-untyped-def]
-    """The command-line arguments Flower's ``SubprocessExecutor`` gives a task process."""
-    from flwr.supercore.constant import TASK_TYPE_TO_APPIO_API_ADDRESS_ARG
-
-    args = [TASK_TYPE_TO_APPIO_API_ADDRESS_ARG[spec.task_type], spec.runtime_api_address, "--token", spec.token]
-    if spec.insecure:
-        args.append("--insecure")
-    elif spec.root_certificates_path is not None:
-        args += ["--root-certificates", spec.root_certificates_path]
-    if spec.parent_pid is not None:
-        args += ["--parent-pid", str(spec.parent_pid)]
-    if spec.runtime_dependency_install:
-        args.append("--allow-runtime-dependency-installation")
-    return args
-
-
 def _run_child(entry: Callable[[], None], argv: list[str], suppress_output: bool) -> None:
     """In the forked child: forget the parent's handlers, run the task, exit without cleanup."""
-    from flwr.supercore.exit import exit_handler
-
     code = 1
     try:
         for sig in _CHILD_SIGNALS:
             signal.signal(sig, signal.SIG_DFL)
-        exit_handler.registered_exit_handlers.clear()  # the parent's (they close its connection)
+        forget_exit_handlers()
         _forget_own_package()
         if suppress_output:
             devnull = os.open(os.devnull, os.O_WRONLY)
@@ -217,15 +191,10 @@ class Target:
 def serve(target: Target) -> NoReturn:
     """Run Flower's SuperExec loop for ``target`` in this process, launching tasks with
     :class:`ForkExecutor`; exit (without interpreter teardown) when the loop ends."""
-    from flwr.supercore.superexec import run_superexec as superexec
-
     executor = ForkExecutor(watch_pid=target.parent_pid)
-    superexec.get_executor = lambda *a, **k: executor  # Flower's loop, this launcher
     code = 1
     try:
-        superexec.run_superexec(runtime_api_address=target.runtime_api_address,
-                                insecure=target.root_certificates is None,
-                                root_certificates_path=target.root_certificates, runtime_dependency_install=False)
+        run_superexec_loop(executor, target.runtime_api_address, target.root_certificates)
         code = 0
     except SystemExit as exc:  # Flower's graceful exit (SIGTERM/SIGINT): children are stopped by now
         code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
@@ -300,6 +269,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     if not hasattr(os, "fork"):
         raise SystemExit("warm_superexec needs os.fork (POSIX)")
     args = parse_args(argv)
+    if not usable(WARM_SUPEREXEC):
+        raise SystemExit(f"{notice(WARM_SUPEREXEC)}; start Flower's flower-superexec instead")
     t0 = time.perf_counter()
     loaded = preload(args.preload)
     print(f"fedtune warm SuperExec: preloaded {len(loaded)} modules in {time.perf_counter() - t0:.1f} s", flush=True)
