@@ -35,7 +35,7 @@ def load_exported(base: torch.nn.Module, adapter_dir: str | Path) -> torch.nn.Mo
     from peft import PeftModel
     from safetensors.torch import load_file
 
-    from clients.base_delta import set_base
+    from fedtune.models.base_delta import set_base
 
     model = PeftModel.from_pretrained(base, str(adapter_dir))
     delta_file = Path(adapter_dir) / BASE_DELTA_FILE
