@@ -374,6 +374,12 @@ def config_search_dirs() -> list[Path]:
     return [CONFIG_DIR, *config_dirs()]
 
 
+def search_overrides() -> list[str]:
+    """The Hydra override that adds those directories to its search path (none without them)."""
+    extra = [f"file://{d}" for d in config_search_dirs()[1:]]
+    return [f"hydra.searchpath=[{','.join(extra)}]"] if extra else []
+
+
 def compose(overrides: list[str] | str = ()) -> RunConfig:
     """Compose ``configs/`` with Hydra overrides (as on the command line) and validate.
 
@@ -389,11 +395,9 @@ def compose(overrides: list[str] | str = ()) -> RunConfig:
     if isinstance(overrides, str):
         overrides = shlex.split(overrides)
     check_group_choices(list(overrides))
-    extra = [f"file://{d}" for d in config_search_dirs()[1:]]
-    search = [f"hydra.searchpath=[{','.join(extra)}]"] if extra else []
     try:
         with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
-            composed = hydra_compose(config_name="config", overrides=[*overrides, *search])
+            composed = hydra_compose(config_name="config", overrides=[*overrides, *search_overrides()])
             data = OmegaConf.to_container(composed, resolve=True)
     except (HydraException, OmegaConfBaseException) as exc:
         from fedtune.hydra_errors import error_line

@@ -1,10 +1,10 @@
 """Reload a run's exported model: ``RUN_DIR/adapter`` on top of the base model.
 
-Most methods export a plain peft adapter (``PeftModel.from_pretrained`` is enough).  The
-methods that fold updates into the frozen base (FedEx-LoRA, FLoRA: ``W = W0 + D + s·BA``)
-also write :data:`BASE_DELTA_FILE`, the cumulative merged delta ``D`` per LoRA module;
+Most LoRA methods export a plain peft adapter (``PeftModel.from_pretrained`` is enough).
+A method that folds updates into the frozen base (``W = W0 + D + s·BA``) also writes
+:data:`BASE_DELTA_FILE`, the cumulative merged delta ``D`` per LoRA module;
 :func:`load_exported` applies it, so the reloaded model is exactly the one the server
-evaluated last.
+evaluated last.  A method names its loader in its spec (``MethodSpec.export.load``).
 """
 
 from __future__ import annotations
