@@ -176,11 +176,14 @@ def run_method(name: str, extra: list[str] | tuple[str, ...] = (), rounds: int =
 # ----------------------------------------------------------------------------- the contract
 def check_spec(spec: MethodSpec) -> None:
     """The spec is complete: a trainer, a config whose default name is the method's, a
-    payload with a byte formula, a reason for every capability."""
+    payload with a byte formula, a reason for every capability, and a note on what a
+    client-side one-time setup computes on client data."""
     from fedtune.registry import TRAINERS
 
-    TRAINERS.get(spec.trainer)
+    trainer = TRAINERS.get(spec.trainer)
     assert spec.config_cls().name == spec.name
+    if hasattr(trainer, "setup"):  # a client-side setup runs where the data is: say what it computes
+        assert spec.capabilities.setup_on_client_data.strip(), f"{spec.name}: setup_on_client_data undeclared"
     assert spec.payload is not None and spec.payload.formula is not None and spec.payload.up and spec.payload.down
     caps = spec.capabilities
     for support in (caps.example_dp, caps.client_dp, caps.sum_only):

@@ -12,10 +12,12 @@ any uploads with the same weighted sum; a malformed upload is rejected.
 from __future__ import annotations
 
 import pytest
-from method_testing import (Run, check_declared_privacy, check_identical_updates, check_malformed_rejected,
+from method_testing import (BASE, Run, check_declared_privacy, check_identical_updates, check_malformed_rejected,
                             check_payload_bytes, check_spec, check_state_round_trip, check_sum_only, run_method,
                             task_identity)  # noqa: F401  (a fixture)
 
+from fedtune.config import compose
+from fedtune.flower.server_app import privacy_summary
 from fedtune.registry import METHODS
 
 NAMES = METHODS.names()
@@ -65,3 +67,13 @@ def test_sum_only_aggregate_is_a_function_of_the_weighted_sum(name: str, task_id
 @pytest.mark.parametrize("name", NAMES)
 def test_malformed_update_is_rejected(name: str, task_identity: None) -> None:
     check_malformed_rejected(two_rounds(name))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_privacy_summary_discloses_what_a_setup_computes_on_client_data(name: str) -> None:
+    spec = METHODS.get(name)
+    if not spec.capabilities.example_dp.ok:
+        pytest.skip(f"{name} does not support privacy=dp_sgd: {spec.capabilities.example_dp.reason}")
+    cfg = compose([*BASE, f"strategy={name}", "privacy=dp_sgd", *spec.quick])
+    block = privacy_summary(cfg, spec.strategy_cls.from_config(cfg))["privacy"]
+    assert block.get("not_accounted") == (spec.capabilities.setup_on_client_data or None)
