@@ -18,7 +18,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from fedtune.config import check_group_choices, compose
+from fedtune.config import check_group_choices, compose, search_overrides
 from fedtune.errors import ConfigError
 
 USAGE = __doc__
@@ -151,7 +151,7 @@ def main(argv: list[str] | None = None) -> None:
                 compose([arg for arg in rest if not arg.lstrip("+~").startswith("hydra")])
         except ConfigError as exc:
             _fail(str(exc))
-        sys.argv = ["fedtune run", *rest]
+        sys.argv = ["fedtune run", *rest, *search_overrides()]  # methods that ship their own YAML
         _hydra_entry()
     elif command == "plot":
         _plot(rest)

@@ -360,10 +360,24 @@ def check_group_choices(overrides: list[str]) -> None:
         key = key.lstrip("+~")
         if not sep or key not in GROUPS:
             continue
-        accepted = sorted(p.stem for p in (CONFIG_DIR / key).glob("*.yaml"))
+        accepted = sorted({p.stem for d in config_search_dirs() for p in (d / key).glob("*.yaml")})
         for choice in value.split(","):  # multirun sweeps list choices with commas
             if choice.strip() not in accepted:
                 raise ConfigError(f"{key}: unknown option {choice.strip()!r}; accepted: {', '.join(accepted)}")
+
+
+def config_search_dirs() -> list[Path]:
+    """``configs/``, then the config directories that registered methods ship (a method
+    packaged outside fedtune brings its ``strategy/<name>.yaml``)."""
+    from fedtune.registry import config_dirs
+
+    return [CONFIG_DIR, *config_dirs()]
+
+
+def search_overrides() -> list[str]:
+    """The Hydra override that adds those directories to its search path (none without them)."""
+    extra = [f"file://{d}" for d in config_search_dirs()[1:]]
+    return [f"hydra.searchpath=[{','.join(extra)}]"] if extra else []
 
 
 def compose(overrides: list[str] | str = ()) -> RunConfig:
@@ -383,7 +397,7 @@ def compose(overrides: list[str] | str = ()) -> RunConfig:
     check_group_choices(list(overrides))
     try:
         with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
-            composed = hydra_compose(config_name="config", overrides=list(overrides))
+            composed = hydra_compose(config_name="config", overrides=[*overrides, *search_overrides()])
             data = OmegaConf.to_container(composed, resolve=True)
     except (HydraException, OmegaConfBaseException) as exc:
         from fedtune.hydra_errors import error_line

@@ -1,21 +1,34 @@
 """Registries that bind names (as chosen by Hydra config groups) to code.
 
-A federated method is one name bound to three parts (peft's ``register_peft_method``
-is the model): the server-side Flower strategy in ``strategies/``, the client-side
-trainer in ``clients/`` and the config dataclass that validates its section.  Models
-and datasets register the same way.  Looking up an unknown name raises a
-:class:`~fedtune.errors.ConfigError` that lists what is accepted.
+A federated method is one unit (peft's ``register_peft_method`` is the model): one
+:func:`register_method` call binds its name to the server-side Flower strategy, the
+client trainer, the config dataclass, what travels (:class:`~fedtune.capabilities.Payload`),
+what it supports and why (:class:`~fedtune.capabilities.Capabilities`) and how its export
+is loaded.  Models and datasets register the same way.  Looking up an unknown name
+raises a :class:`~fedtune.errors.ConfigError` that lists what is accepted.
+
+Methods and trainers are discovered, never listed by hand (:func:`load_plugins`): every
+module of the ``clients`` and ``strategies`` packages is imported, then every entry point
+of the ``fedtune.methods`` group, so a third-party package adds a method without editing
+fedtune.  Such an entry point names a module (``toy = toy_pkg.strategy``), imported for its
+``register_method``/``TRAINERS.register`` calls, or a callable (``toy = toy_pkg:register``)
+that is called with no arguments to make them.
 """
 
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass
+import pkgutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import ModuleType
 from typing import Any, Callable, Generic, TypeVar
 
+from fedtune.capabilities import Capabilities, Export, Payload
 from fedtune.errors import ConfigError
 
 T = TypeVar("T")
+ENTRY_POINT_GROUP = "fedtune.methods"
 
 
 class Registry(Generic[T]):
@@ -43,23 +56,38 @@ class Registry(Generic[T]):
         load_plugins()
         return sorted(self._items)
 
+    def values(self) -> list[T]:
+        return [self._items[n] for n in self.names()]
+
 
 @dataclass(frozen=True)
 class MethodSpec:
-    """What ``strategy=<name>`` selects.
+    """Everything ``strategy=<name>`` selects.
 
     Attributes
     ----------
-    name : registry name, equal to the module name in ``strategies/``.
+    name : registry name (the ``strategy.name`` of its config).
     strategy_cls : the Flower ``Strategy`` subclass (server half).
-    trainer : registry name of the client trainer (client half).
+    trainer : registry name of the client trainer (client half, :data:`TRAINERS`).
     config_cls : dataclass validating the ``strategy:`` config section.
+    capabilities : DP support, sum-only aggregation, one-time setup on client data.
+    payload : what a client receives and uploads per round, and its byte formula.
+    export : the format of ``RUN_DIR/adapter`` and its loader.
+    quick : Hydra overrides under which the method trains in seconds on ``model=tiny
+        dataset=tiny`` (the contract tests and the smoke simulations use them).
+    config_dir : a directory holding ``strategy/<name>.yaml`` that Hydra searches after
+        fedtune's ``configs/`` (a method shipped outside fedtune); ``None`` for fedtune's own.
     """
 
     name: str
     strategy_cls: type
     trainer: str
     config_cls: type
+    capabilities: Capabilities = field(default_factory=Capabilities)
+    payload: Payload | None = None
+    export: Export = field(default_factory=lambda: Export("not declared"))
+    quick: tuple[str, ...] = ()
+    config_dir: Path | None = None
 
 
 METHODS: Registry[MethodSpec] = Registry("strategy", "strategy.name")
@@ -68,19 +96,63 @@ MODELS: Registry[Callable[..., Any]] = Registry("model", "model.name")
 DATASETS: Registry[Callable[..., Any]] = Registry("dataset", "dataset.name")
 
 
-def register_method(name: str, strategy_cls: type, trainer: str, config_cls: type) -> MethodSpec:
-    """Register a federated method (call at the bottom of ``strategies/<name>.py``)."""
-    return METHODS.register(name, MethodSpec(name, strategy_cls, trainer, config_cls))
+def register_method(name: str, strategy_cls: type, trainer: str, config_cls: type, *,
+                    capabilities: Capabilities | None = None, payload: Payload | None = None,
+                    export: Export | None = None, quick: tuple[str, ...] | list[str] = (),
+                    config_dir: str | Path | None = None) -> MethodSpec:
+    """Register a federated method (call at the bottom of its strategy module)."""
+    spec = MethodSpec(name, strategy_cls, trainer, config_cls, capabilities or Capabilities(), payload,
+                      export or Export("not declared"), tuple(quick),
+                      Path(config_dir) if config_dir is not None else None)
+    return METHODS.register(name, spec)
+
+
+def config_dirs() -> list[Path]:
+    """The extra Hydra search directories that registered methods ship (``config_dir``)."""
+    return sorted({spec.config_dir for spec in METHODS.values() if spec.config_dir is not None})
 
 
 _LOADED = False
+_ENTRY_POINTS: set[str] = set()
+BUILTIN = ("fedtune.models.zoo", "fedtune.data.sources")
+PACKAGES = ("clients", "strategies")
 
 
-def load_plugins() -> None:
-    """Import the built-in strategies, trainers, models and datasets so they register."""
+def import_package(package: str) -> list[ModuleType]:
+    """Import every module of ``package`` (a method's module registers it when imported)."""
+    pkg = importlib.import_module(package)
+    return [importlib.import_module(f"{package}.{info.name}") for info in pkgutil.iter_modules(pkg.__path__)]
+
+
+def load_entry_points() -> None:
+    """Load the ``fedtune.methods`` entry points not loaded yet (module, or callable to call)."""
+    from importlib.metadata import entry_points
+
+    for ep in sorted(entry_points(group=ENTRY_POINT_GROUP), key=lambda e: (e.name, e.value)):
+        key = f"{ep.name}={ep.value}"
+        if key in _ENTRY_POINTS:
+            continue
+        _ENTRY_POINTS.add(key)
+        try:
+            obj = ep.load()
+            if callable(obj) and not isinstance(obj, ModuleType):
+                obj()
+        except Exception as exc:
+            raise ImportError(f"{ENTRY_POINT_GROUP} entry point {key}: {type(exc).__name__}: {exc}") from exc
+
+
+def load_plugins(rescan: bool = False) -> None:
+    """Import the built-in models, datasets, trainers and methods, then the entry points.
+
+    ``rescan``: look for entry points again (a package installed after the first look-up).
+    """
     global _LOADED
-    if _LOADED:
+    if _LOADED and not rescan:
         return
-    _LOADED = True
-    for module in ("fedtune.models.zoo", "fedtune.data.sources", "clients", "strategies"):
-        importlib.import_module(module)
+    if not _LOADED:
+        _LOADED = True
+        for module in BUILTIN:
+            importlib.import_module(module)
+        for package in PACKAGES:
+            import_package(package)
+    load_entry_points()

@@ -38,12 +38,13 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
+from fedtune.capabilities import UNIFORM_WEIGHTING, Capabilities, Export, Payload, Support
 from fedtune.errors import PayloadError
 from fedtune.flower.strategy import Arrays, ClientUpdate, FedtuneStrategy, weights_for
 from fedtune.models.lora_sb import set_bases, update_approximation
 from fedtune.models.state import check_arrays, load_trainable_state
 from fedtune.registry import register_method
-from strategies.fedavg_lora import weighted_average
+from strategies.fedavg_lora import state_each_way, weighted_average
 
 SETUP = "train.setup"
 GRAD_SUFFIX, CORE_SUFFIX = ".base.weight", ".sb_R.weight"
@@ -209,4 +210,18 @@ class FedSB(FedtuneStrategy):
         load_trainable_state(model, self.global_arrays)
 
 
-register_method("fed_sb", FedSB, trainer="lora_sb", config_cls=FedSBConfig)
+register_method(
+    "fed_sb", FedSB, trainer="lora_sb", config_cls=FedSBConfig,
+    capabilities=Capabilities(
+        example_dp=Support(True, "its clients train R and the head with the shared first-order loop, which "
+                                 "privacy=dp_sgd turns into DP-SGD"),
+        client_dp=Support(True, "its global state is the uniform mean of the uploaded r×r cores and head",
+                          (UNIFORM_WEIGHTING,)),
+        setup_on_client_data="Fed-SB's one-time init gradients are computed on client data without DP",
+        sum_only=Support(True, "R̄ and the head are Σ_k p_k of the uploads (the one-time ΔW is the sign of "
+                               "Σ_k p_k G_k)"),
+        identical_updates_fixed_point=True),
+    payload=Payload(down="r×r cores R and head (fp32); once: bases B, A", up="r×r cores R and head (fp32); "
+                    "once: full-weight gradients (fp32) or their signs (int8)", formula=state_each_way),
+    export=Export("LoRA-SB adapter: bases B, A, cores R and head (safetensors)"),
+    quick=("strategy.rank=8", "strategy.init_step=0.01"))

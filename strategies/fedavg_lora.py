@@ -22,8 +22,14 @@ from dataclasses import dataclass
 
 import torch
 
+from fedtune.capabilities import UNIFORM_WEIGHTING, Capabilities, Export, Payload, Support
 from fedtune.flower.strategy import Arrays, ClientUpdate, FedtuneStrategy, weights_for
+from fedtune.models.export import load_exported
 from fedtune.registry import register_method
+
+FIRST_ORDER = Support(True, "its clients run the shared first-order loop (clients.local_steps), "
+                            "which privacy=dp_sgd turns into DP-SGD")
+PEFT_EXPORT = Export("peft LoRA adapter (+ head)", load=load_exported)
 
 
 def weighted_average(states: list[Arrays], weights: list[float]) -> Arrays:
@@ -69,4 +75,19 @@ class FedAvgLoRA(FedtuneStrategy):
         return weighted_average([u.arrays for u in updates], weights_for(updates, self.weighting))
 
 
-register_method("fedavg_lora", FedAvgLoRA, trainer="lora_sgd", config_cls=FedAvgLoRAConfig)
+def state_each_way(strategy: FedtuneStrategy, partition_id: int, upload: Arrays) -> tuple[int, int]:
+    """``4·P`` bytes each way, P the trainable scalars of the global state (LoRA factors, head)."""
+    n = 4 * sum(v.numel() for v in strategy.global_arrays.values())
+    return n, n
+
+
+register_method(
+    "fedavg_lora", FedAvgLoRA, trainer="lora_sgd", config_cls=FedAvgLoRAConfig,
+    capabilities=Capabilities(
+        example_dp=FIRST_ORDER,
+        client_dp=Support(True, "its global state is the uniform mean of the uploaded A, B and head",
+                          (UNIFORM_WEIGHTING,)),
+        sum_only=Support(True, "Ā, B̄ and the head are Σ_k p_k of the uploads"),
+        identical_updates_fixed_point=True),
+    payload=Payload(down="A, B and head (fp32)", up="A, B and head (fp32)", formula=state_each_way),
+    export=PEFT_EXPORT)

@@ -25,10 +25,12 @@ from dataclasses import dataclass
 
 import torch
 
+from fedtune.capabilities import Capabilities, Export, Payload, Support
 from fedtune.flower.strategy import Arrays, ClientUpdate, weights_for
+from fedtune.models.export import load_exported
 from fedtune.models.state import load_trainable_state
 from fedtune.registry import register_method
-from strategies.fedavg_lora import weighted_average
+from strategies.fedavg_lora import FIRST_ORDER, weighted_average
 from strategies.lora_math import WEIGHTINGS, module_factors, require_choice, residual_factors
 from strategies.merged_base import DELTA_MODES, MergedBaseStrategy
 
@@ -70,4 +72,23 @@ class FedExLoRA(MergedBaseStrategy):
         load_trainable_state(model, self.global_arrays)
 
 
-register_method("fedex_lora", FedExLoRA, trainer="lora_sgd_base_delta", config_cls=FedExLoRAConfig)
+def fedex_bytes(strategy: FedExLoRA, partition_id: int, upload: Arrays) -> tuple[int, int]:
+    """Up ``4·P`` (A, B, head); down the same plus the cumulative residual, whose merged
+    rank grows by r per client merged (:meth:`MergedBaseStrategy.delta_bytes`)."""
+    state = 4 * sum(v.numel() for v in strategy.global_arrays.values())
+    merged = [strategy.lora_rank] * len(strategy.merged_partitions())
+    return state + strategy.delta_bytes(merged), state
+
+
+register_method(
+    "fedex_lora", FedExLoRA, trainer="lora_sgd_base_delta", config_cls=FedExLoRAConfig,
+    capabilities=Capabilities(
+        example_dp=FIRST_ORDER,
+        client_dp=Support(False, "it folds the residual Σ p_k B_k A_k − B̄Ā of the clients' own products into "
+                                 "the frozen base and sends it unnoised"),
+        sum_only=Support(False, "its residual Σ_k p_k B_k A_k − B̄Ā needs the clients' own products"),
+        identical_updates_fixed_point=True),
+    payload=Payload(down="A, B and head (fp32) + the cumulative residual (dense or factored)",
+                    up="A, B and head (fp32)", formula=fedex_bytes),
+    export=Export("peft LoRA adapter (+ head) and base_delta.safetensors (the merged base delta)",
+                  load=load_exported))

@@ -43,6 +43,7 @@ from dataclasses import dataclass
 
 import torch
 
+from fedtune.capabilities import Capabilities, Condition, Export, Payload, Support
 from fedtune.directions import SeedDirections, directions_for
 from fedtune.errors import ConfigError
 from fedtune.flower.strategy import Arrays, ClientUpdate, FedtuneStrategy, weights_for
@@ -262,5 +263,35 @@ class FedKSeedPro(FedKSeed):
     pro = True
 
 
-register_method("fedkseed", FedKSeed, trainer="zo_seeds", config_cls=FedKSeedConfig)
-register_method("fedkseed_pro", FedKSeedPro, trainer="zo_seeds", config_cls=FedKSeedProConfig)
+def fedkseed_bytes(strategy: FedKSeed, partition_id: int, upload: Arrays) -> tuple[int, int]:
+    """Down ``4K`` (+ ``4K`` for Pro's p); up ``τ(4 + b_idx)`` (pairs) or ``4K`` (sums)."""
+    k = strategy.num_seeds
+    down = 4 * k * (2 if strategy.pro else 1)
+    b_idx = torch.empty(0, dtype=index_dtype(k)).element_size()
+    return down, (4 * k if strategy.encoding == "sums" else strategy.local_steps * (4 + b_idx))
+
+
+ZEROTH_ORDER = Support(False, "FedKSeed's clients take zeroth-order steps and upload scalar finite differences of "
+                              "the loss, not gradients: DP-SGD's per-example clipping does not bound them, and a "
+                              "sound private variant (per-example clipped differences) is not implemented; "
+                              "see the README")
+SEEDS_NOT_AN_UPDATE = Support(False, "clients upload (seed index, scalar) pairs and are sent seed accumulators, "
+                                     "so 'reply − global' is no model update to clip")
+SEED_PAYLOAD = Payload(down="K per-seed accumulators (fp32; Pro: + K probabilities)",
+                       up="τ (seed index, scalar) pairs, or K per-seed sums (fp32)", formula=fedkseed_bytes)
+TUNED_MODEL = Export("the tuned model (transformers save_pretrained)")
+QUICK = ("strategy.num_seeds=256", "strategy.local_steps=40", "strategy.batch_size=8", "strategy.lr=1e-2")
+
+register_method(
+    "fedkseed", FedKSeed, trainer="zo_seeds", config_cls=FedKSeedConfig,
+    capabilities=Capabilities(
+        example_dp=ZEROTH_ORDER, client_dp=SEEDS_NOT_AN_UPDATE,
+        sum_only=Support(True, "the accumulators grow by Σ_k p_k of the clients' per-seed sums",
+                         (Condition("encoding", "sums", "(index, value) pairs are lists, not vectors to add"),))),
+    payload=SEED_PAYLOAD, export=TUNED_MODEL, quick=QUICK)
+register_method(
+    "fedkseed_pro", FedKSeedPro, trainer="zo_seeds", config_cls=FedKSeedProConfig,
+    capabilities=Capabilities(
+        example_dp=ZEROTH_ORDER, client_dp=SEEDS_NOT_AN_UPDATE,
+        sum_only=Support(False, "its seed probabilities follow every client's own |g| history")),
+    payload=SEED_PAYLOAD, export=TUNED_MODEL, quick=QUICK)

@@ -41,11 +41,12 @@ from typing import Union
 
 import torch
 
+from fedtune.capabilities import Capabilities, Payload, Support
 from fedtune.flower.strategy import Arrays, ClientUpdate, FedtuneStrategy, weights_for
 from fedtune.directions import SeedDirections, directions_for
 from fedtune.randomness import derive_seed, seed_pool
 from fedtune.registry import register_method
-from strategies.fedkseed import TRAINABLE_PRESETS, bad_indices, check_cache_mb, index_dtype
+from strategies.fedkseed import TRAINABLE_PRESETS, TUNED_MODEL, bad_indices, check_cache_mb, index_dtype
 from strategies.seed_replay import SeedReplica, flatten, unflatten
 
 Bases = Union[torch.Tensor, SeedDirections]
@@ -242,4 +243,22 @@ def encode_upload(counts: torch.Tensor, indices: torch.Tensor, values: torch.Ten
             "values": values.float()}
 
 
-register_method("ferret", Ferret, trainer="ferret", config_cls=FerretConfig)
+def ferret_bytes(strategy: Ferret, partition_id: int, upload: Arrays) -> tuple[int, int]:
+    """Down ``4KL`` (C); up ``4L`` (the K_l) + ``(4 + b_idx)·Σ_l K_l`` (index, value pairs)."""
+    k, blocks = strategy.num_seeds, len(strategy.blocks)
+    b_idx = torch.empty(0, dtype=index_dtype(k)).element_size()
+    return 4 * k * blocks, 4 * blocks + (4 + b_idx) * int(upload["counts"].sum())
+
+
+register_method(
+    "ferret", Ferret, trainer="ferret", config_cls=FerretConfig,
+    capabilities=Capabilities(
+        example_dp=Support(True, "its clients run the shared first-order loop (clients.local_steps) before "
+                                 "projecting, which privacy=dp_sgd turns into DP-SGD"),
+        client_dp=Support(False, "clients upload per-client adaptive numbers of (seed, block) coordinates and are "
+                                 "sent accumulated coefficients, so 'reply − global' is no model update to clip"),
+        sum_only=Support(False, "clients upload different numbers of (seed, block) coordinates; only their "
+                                "scatter into K×L is summed")),
+    payload=Payload(down="K×L accumulated coefficients C (fp32)",
+                    up="K_l per block (int32) and Σ_l K_l (seed index, coordinate) pairs", formula=ferret_bytes),
+    export=TUNED_MODEL, quick=("strategy.num_seeds=64", "train.local_steps=8"))

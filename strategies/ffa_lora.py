@@ -16,9 +16,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from fedtune.capabilities import UNIFORM_WEIGHTING, Capabilities, Payload, Support
 from fedtune.flower.strategy import Arrays
 from fedtune.registry import register_method
-from strategies.fedavg_lora import FedAvgLoRA, FedAvgLoRAConfig
+from strategies.fedavg_lora import FIRST_ORDER, PEFT_EXPORT, FedAvgLoRA, FedAvgLoRAConfig, state_each_way
 from strategies.lora_math import A_TAG
 
 
@@ -44,4 +45,13 @@ class FFALoRA(FedAvgLoRA):
         super().initialize(arrays)
 
 
-register_method("ffa_lora", FFALoRA, trainer="lora_sgd_frozen_a", config_cls=FFALoRAConfig)
+register_method(
+    "ffa_lora", FFALoRA, trainer="lora_sgd_frozen_a", config_cls=FFALoRAConfig,
+    capabilities=Capabilities(
+        example_dp=FIRST_ORDER,
+        client_dp=Support(True, "its global state is the uniform mean of the uploaded B and head",
+                          (UNIFORM_WEIGHTING,)),
+        sum_only=Support(True, "B̄ and the head are Σ_k p_k of the uploads (A never changes)"),
+        identical_updates_fixed_point=True),
+    payload=Payload(down="B and head (fp32)", up="B and head (fp32)", formula=state_each_way),
+    export=PEFT_EXPORT)

@@ -27,13 +27,25 @@ from dataclasses import dataclass, field
 
 import torch
 
-from clients.base_delta import client_rank, fresh_adapter, load_non_lora
+from fedtune.capabilities import Capabilities, Export, Payload, Support
 from fedtune.flower.strategy import Arrays, ClientUpdate, weights_for
+from fedtune.models.base_delta import fresh_adapter, load_non_lora
+from fedtune.models.export import load_exported
 from fedtune.randomness import torch_generator
 from fedtune.registry import register_method
-from strategies.fedavg_lora import weighted_average
+from strategies.fedavg_lora import FIRST_ORDER, weighted_average
 from strategies.lora_math import WEIGHTINGS, lora_keys, module_factors, require_choice, stack_factors
 from strategies.merged_base import DELTA_MODES, MergedBaseStrategy
+
+
+def client_rank(ranks: list[int], alpha_mode: str, lora_rank: int, lora_alpha: float,
+                partition_id: int) -> tuple[int, float]:
+    """``(r_k, α_k)`` of a client: ``ranks`` cycled over partition ids (empty: ``lora_rank``);
+    ``proportional``: ``α_k = (lora_alpha/lora_rank)·r_k`` (same s for all, FLoRA's
+    α_k = 2r_k); ``fixed``: ``α_k = lora_alpha`` (so ``s_k = lora_alpha / r_k``)."""
+    rank = ranks[partition_id % len(ranks)] if ranks else lora_rank
+    return rank, (lora_alpha / lora_rank * rank if alpha_mode == "proportional" else lora_alpha)
+
 
 
 @dataclass
@@ -103,4 +115,25 @@ class FLoRA(MergedBaseStrategy):
         load_non_lora(model, self.global_arrays)
 
 
-register_method("flora", FLoRA, trainer="lora_fresh_rank", config_cls=FLoRAConfig)
+def flora_bytes(strategy: FLoRA, partition_id: int, upload: Arrays) -> tuple[int, int]:
+    """Up ``4·(Σ_l r_k(m_l + n_l) + head)``; down ``4·head`` plus the cumulative merged delta,
+    whose merged rank grows by ``r_k`` per client k merged."""
+    head = 4 * sum(v.numel() for v in strategy.global_arrays.values())
+    rank = strategy.rank_of(partition_id)[0]
+    up = head + 4 * rank * sum(m + n for m, n in strategy.shapes.values())
+    merged = [strategy.rank_of(pid)[0] for pid in strategy.merged_partitions()]
+    return head + strategy.delta_bytes(merged), up
+
+
+register_method(
+    "flora", FLoRA, trainer="lora_fresh_rank", config_cls=FLoRAConfig,
+    capabilities=Capabilities(
+        example_dp=FIRST_ORDER,
+        client_dp=Support(False, "it stacks the clients' factors and merges their products into the base: "
+                                 "no mean of the upload"),
+        sum_only=Support(False, "it stacks the clients' factors side by side, one block per client")),
+    payload=Payload(down="head (fp32) + the cumulative merged delta (dense or factored)",
+                    up="this client's rank-r_k A, B and head (fp32)", formula=flora_bytes),
+    export=Export("peft LoRA adapter (all-zero B, + head) and base_delta.safetensors (the merged base delta)",
+                  load=load_exported),
+    quick=("strategy.ranks=[4,2,2]",))

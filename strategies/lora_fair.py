@@ -30,9 +30,10 @@ from typing import Callable
 
 import torch
 
+from fedtune.capabilities import Capabilities, Payload, Support
 from fedtune.flower.strategy import Arrays, ClientUpdate, FedtuneStrategy, weights_for
 from fedtune.registry import register_method
-from strategies.fedavg_lora import weighted_average
+from strategies.fedavg_lora import FIRST_ORDER, PEFT_EXPORT, state_each_way, weighted_average
 from strategies.lora_math import WEIGHTINGS, lora_pairs, module_factors, require_choice, weighted_product
 
 _TINY = 1e-30
@@ -191,4 +192,13 @@ class LoRAFAIR(FedtuneStrategy):
         return out
 
 
-register_method("lora_fair", LoRAFAIR, trainer="lora_sgd", config_cls=LoRAFAIRConfig)
+register_method(
+    "lora_fair", LoRAFAIR, trainer="lora_sgd", config_cls=LoRAFAIRConfig,
+    capabilities=Capabilities(
+        example_dp=FIRST_ORDER,
+        client_dp=Support(False, "its B is corrected by a residual computed from every client's own product "
+                                 "B_k A_k, which the noise on the mean does not cover"),
+        sum_only=Support(False, "its correction of B̄ needs ΔW = Σ_k p_k B_k A_k, the clients' own products"),
+        identical_updates_fixed_point=True),
+    payload=Payload(down="A, B and head (fp32)", up="A, B and head (fp32)", formula=state_each_way),
+    export=PEFT_EXPORT)

@@ -27,8 +27,8 @@ from __future__ import annotations
 
 import torch
 
-from clients.base_delta import DELTA, DELTA_A, DELTA_B, set_base, split_deltas
 from fedtune.flower.strategy import Arrays, FedtuneStrategy
+from fedtune.models.base_delta import DELTA, DELTA_A, DELTA_B, set_base, split_deltas
 from fedtune.models.export import save_base_delta
 from strategies.lora_math import lora_pairs, require_choice
 
@@ -113,6 +113,21 @@ class MergedBaseStrategy(FedtuneStrategy):
         """The adapter, plus ``D`` in ``base_delta.safetensors`` (:mod:`fedtune.models.export`)."""
         super().export(model, path)
         save_base_delta(path, self.delta.total())
+
+    def delta_bytes(self, merged_ranks: list[int]) -> int:
+        """Bytes of the cumulative delta a client receives, by formula: nothing before the
+        first merge; ``dense``: ``4·Σ_l m_l n_l``; ``factored``: ``4·Σ_l R(m_l + n_l)`` with
+        ``R = Σ merged_ranks``, the ranks of every product merged so far."""
+        if not merged_ranks:
+            return 0
+        if self.delta.mode == "dense":
+            return 4 * sum(m * n for m, n in self.shapes.values())
+        return 4 * sum(merged_ranks) * sum(m + n for m, n in self.shapes.values())
+
+    def merged_partitions(self) -> list[int]:
+        """The clients merged so far, one entry per client and round (rounds that aggregated)."""
+        return [pid for info in self.rounds.values() if len(info.received) >= self.min_replies
+                for pid in info.received]
 
     def load_base(self, model: torch.nn.Module) -> None:
         """``W ← W0 + D`` on the server's model, through the clients' own code path."""

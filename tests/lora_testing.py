@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from flwr.app import ArrayRecord, RecordDict
 
-from clients.base_delta import lora_layers
+from fedtune.models.base_delta import lora_layers
 from fedtune.comm.ledger import payload_bytes
 from fedtune.config import compose
 from fedtune.flower.strategy import ClientUpdate

@@ -1,8 +1,10 @@
 """Every registered method runs end to end in a real Ray simulation on the tiny model.
 
-One table row per method (peft's ``TEST_CASES`` style); each run must complete with all
-clients replying, its global eval loss must fall, its uplink payload must be metered,
-and (peft-format methods) its exported ``adapter/`` must reload to the final accuracy.
+One case per registered method (peft's ``TEST_CASES`` style, read from the registry: a
+method's ``quick`` overrides make it fast on the tiny model); each run must complete with
+all clients replying, its global eval loss must fall, its uplink payload must be metered,
+and (methods whose export declares a loader) its exported ``adapter/`` must reload to the
+final accuracy.
 """
 
 import csv
@@ -14,47 +16,25 @@ from conftest import SIMULATION_OVERRIDES
 
 from fedtune.config import compose
 from fedtune.evaluation import evaluate
-from fedtune.models.export import load_exported
 from fedtune.registry import METHODS, MODELS
 from fedtune.runtime.workspace import Workspace
 from fedtune.runtime.simulation import simulate
 
 pytestmark = pytest.mark.simulation
 BASE = ["model=tiny", "dataset=tiny", "federation.num_clients=3", "num_rounds=3", "seed=2"]
-
-# name -> extra overrides that make the method quick on the tiny model
-CASES = {
-    "fedavg_lora": None,  # the shared same-seed run of conftest.py (SIMULATION_OVERRIDES)
-    "lora_fair": [],
-    "ffa_lora": [],
-    "fedex_lora": [],
-    "flora": ["strategy.ranks=[4,2,2]"],
-    "fed_sb": ["strategy.rank=8", "strategy.init_step=0.01"],
-    "fedkseed": ["strategy.num_seeds=256", "strategy.local_steps=40", "strategy.batch_size=8", "strategy.lr=1e-2"],
-    "fedkseed_pro": ["strategy.num_seeds=256", "strategy.local_steps=40", "strategy.batch_size=8",
-                     "strategy.lr=1e-2"],
-    "ferret": ["strategy.num_seeds=64", "train.local_steps=8"],
-}
-
-
-# methods whose ``adapter/`` is peft format (FedEx-LoRA, FLoRA add ``base_delta.safetensors``)
-PEFT_EXPORTS = {"fedavg_lora", "lora_fair", "ffa_lora", "fedex_lora", "flora"}
-
-
-def test_every_registered_method_has_a_case() -> None:
-    assert sorted(CASES) == METHODS.names()
+DEFAULT = compose(SIMULATION_OVERRIDES.split()).strategy.name  # its run is conftest's shared same-seed run
 
 
 def _overrides(name: str) -> list[str]:
-    if CASES[name] is None:
+    if name == DEFAULT:
         return SIMULATION_OVERRIDES.split()
-    return [*BASE, f"strategy={name}", *CASES[name]]
+    return [*BASE, f"strategy={name}", *METHODS.get(name).quick]
 
 
-@pytest.mark.parametrize("name", sorted(CASES))
+@pytest.mark.parametrize("name", METHODS.names())
 def test_method_runs_end_to_end_and_learns(name: str, tmp_path: Path, request: pytest.FixtureRequest) -> None:
     cfg = compose(_overrides(name))
-    if CASES[name] is None:
+    if name == DEFAULT:
         run_dir = request.getfixturevalue("same_seed_runs")[0]
         summary = json.loads((run_dir / "summary.json").read_text())
     else:
@@ -71,8 +51,9 @@ def test_method_runs_end_to_end_and_learns(name: str, tmp_path: Path, request: p
     assert len(train_up) == clients * rounds and all(int(r["payload_bytes"]) > 0 for r in train_up)
     summary_file = json.loads((run_dir / "summary.json").read_text())
     assert summary_file["strategy"] == name
-    if name in PEFT_EXPORTS:  # the exported adapter (+ merged base delta) is the evaluated model
+    load = METHODS.get(name).export.load
+    if load is not None:  # the exported adapter (+ whatever the method adds) is the evaluated model
         ws = Workspace(cfg)
-        model = load_exported(MODELS.get("tiny").build(cfg.model, ws.data.num_labels, cfg.seed), run_dir / "adapter")
+        model = load(MODELS.get("tiny").build(cfg.model, ws.data.num_labels, cfg.seed), run_dir / "adapter")
         _, acc = evaluate(model, ws.encoded("test"), 64, ws.device)
         assert acc == pytest.approx(summary_file["final_accuracy"], abs=5e-7)

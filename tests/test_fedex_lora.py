@@ -7,7 +7,7 @@ import torch
 from lora_testing import (MODULES, a_key, b_key, client_updates, effective_weights, message_payload, p_weights,
                           random_state, tiny_lora_shapes, tiny_workspace, train_client)
 
-from clients.base_delta import set_base, snapshot_base
+from fedtune.models.base_delta import set_base, snapshot_base
 from fedtune.config import compose
 from fedtune.errors import ConfigError
 from fedtune.models.state import trainable_state

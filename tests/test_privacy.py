@@ -26,6 +26,7 @@ from fedtune.models.state import load_trainable_state, trainable_state
 from fedtune.privacy.accounting import HISTORY_KEY, check_delta, save_history
 from fedtune.privacy.dp_sgd import private_batches, with_privacy
 from fedtune.randomness import seed_torch
+from fedtune.registry import METHODS
 from fedtune.runtime.workspace import Workspace
 from fedtune.trainer import TrainContext
 from strategies.fedavg_lora import FedAvgLoRA
@@ -270,13 +271,15 @@ def test_unreachable_target_is_a_config_error() -> None:
 
 
 # ----------------------------------------------------------------------------- every first-order method
-@pytest.mark.parametrize("strategy", ["fedavg_lora", "lora_fair", "ffa_lora", "fedex_lora", "flora", "fed_sb",
-                                      "ferret", "ferret strategy.trainable=all"])
+EXAMPLE_DP = [name for name in METHODS.names() if METHODS.get(name).capabilities.example_dp.ok]
+
+
+@pytest.mark.parametrize("strategy", [*EXAMPLE_DP, "ferret strategy.trainable=all"])
 def test_every_first_order_method_trains_privately(strategy: str) -> None:
-    """The shared loop makes each method private; its upload still passes the strategy's checks.
-    (``ferret strategy.trainable=all`` trains the embeddings: the (B, T) position-ids path.)"""
+    """The shared loop makes each method that declares example-level DP private; its upload
+    still passes the strategy's checks.  (``ferret strategy.trainable=all`` trains the
+    embeddings: the (B, T) position-ids path.)"""
     from fedtune.models.state import check_arrays
-    from fedtune.registry import METHODS
 
     extra = " strategy.rank=4" if strategy == "fed_sb" else ""
     cfg = compose(f"{DP} strategy={strategy} privacy.noise_multiplier=1.0 privacy.target_epsilon=null{extra}")

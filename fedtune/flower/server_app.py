@@ -26,7 +26,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedtune.config import RunConfig, compose
 from fedtune.evaluation import evaluate, evaluate_heldout
-from fedtune.privacy.accounting import check_delta
+from fedtune.privacy.accounting import check_delta, not_accounted
 from fedtune.privacy.client_level import summary_block, with_client_dp
 from fedtune.registry import METHODS
 from fedtune.results.checkpoint import load_checkpoint, save_checkpoint, set_rng_state
@@ -75,9 +75,8 @@ def privacy_summary(cfg: RunConfig, strategy: Any, runner: Any = None) -> dict[s
     out = {"name": cfg.privacy.name, "delta": cfg.privacy.delta, "final_epsilon": eps,
            "target_epsilon": cfg.privacy.target_epsilon, "accountant": cfg.privacy.accountant,
            "clients_out_of_budget": spent,
-           "replies_withheld_for_budget": sum(len(i.budget_spent) for i in strategy.rounds.values())}
-    if cfg.strategy.name == "fed_sb":
-        out["not_accounted"] = "Fed-SB's one-time init gradients are computed on client data without DP"
+           "replies_withheld_for_budget": sum(len(i.budget_spent) for i in strategy.rounds.values()),
+           **not_accounted(cfg)}
     return {"privacy": out}
 
 

@@ -1,10 +1,10 @@
 """Reload a run's exported model: ``RUN_DIR/adapter`` on top of the base model.
 
-Most methods export a plain peft adapter (``PeftModel.from_pretrained`` is enough).  The
-methods that fold updates into the frozen base (FedEx-LoRA, FLoRA: ``W = W0 + D + s·BA``)
-also write :data:`BASE_DELTA_FILE`, the cumulative merged delta ``D`` per LoRA module;
+Most LoRA methods export a plain peft adapter (``PeftModel.from_pretrained`` is enough).
+A method that folds updates into the frozen base (``W = W0 + D + s·BA``) also writes
+:data:`BASE_DELTA_FILE`, the cumulative merged delta ``D`` per LoRA module;
 :func:`load_exported` applies it, so the reloaded model is exactly the one the server
-evaluated last.
+evaluated last.  A method names its loader in its spec (``MethodSpec.export.load``).
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ def load_exported(base: torch.nn.Module, adapter_dir: str | Path) -> torch.nn.Mo
     from peft import PeftModel
     from safetensors.torch import load_file
 
-    from clients.base_delta import set_base
+    from fedtune.models.base_delta import set_base
 
     model = PeftModel.from_pretrained(base, str(adapter_dir))
     delta_file = Path(adapter_dir) / BASE_DELTA_FILE

@@ -2,7 +2,8 @@
 
 * :mod:`fedtune.privacy.accounting`: the per-client accountant history kept in Flower's
   ``Context.state``, ε from it, σ calibration to a target ε, config checks that need
-  the data (``δ < 1/n``) or the method (zeroth-order methods are refused).
+  the data (``δ < 1/n``) or the method (its declared capabilities, e.g. zeroth-order
+  methods are refused).
 * :mod:`fedtune.privacy.dp_sgd`: the Opacus DP-SGD loop that replaces the shared
   first-order loop (:func:`clients.local_steps.run_local_steps`) and the wrapper
   around a trainer's ``train`` that enforces the budget and reports ε.

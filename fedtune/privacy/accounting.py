@@ -26,17 +26,10 @@ from fedtune.errors import ConfigError
 
 HISTORY_KEY = "dp/history"  # TrainContext.state key of the accountant's (σ, q, steps) rows
 
-# Trainers whose local update is not the shared first-order loop: DP-SGD does not apply.
-UNSUPPORTED = {
-    "zo_seeds": ("FedKSeed's clients take zeroth-order steps and upload scalar finite differences of the "
-                 "loss, not gradients: DP-SGD's per-example clipping does not bound them, and a sound "
-                 "private variant (per-example clipped differences) is not implemented; see the README"),
-}
-
-
 def check_supported(cfg: Any) -> None:
-    """Refuse ``privacy=dp_sgd`` with a method whose client is not first-order (and
-    ``privacy=client_dp`` where :func:`fedtune.privacy.client_level.check_supported` says so)."""
+    """Refuse ``privacy=dp_sgd`` with a method that does not declare example-level DP (its
+    :class:`~fedtune.capabilities.Capabilities` say why), and ``privacy=client_dp`` where
+    :func:`fedtune.privacy.client_level.check_supported` says so."""
     if cfg.privacy.name == "none":
         return
     if cfg.privacy.name == "client_dp":
@@ -46,10 +39,20 @@ def check_supported(cfg: Any) -> None:
         return
     from fedtune.registry import METHODS
 
-    trainer = METHODS.get(cfg.strategy.name).trainer
-    if trainer in UNSUPPORTED:
+    support = METHODS.get(cfg.strategy.name).capabilities.example_dp
+    if not support.ok:
         raise ConfigError(f"privacy: {cfg.privacy.name} is not supported with strategy={cfg.strategy.name}: "
-                          f"{UNSUPPORTED[trainer]}")
+                          f"{support.reason}")
+    support.check(cfg.strategy, f"privacy={cfg.privacy.name}")
+
+
+def not_accounted(cfg: Any) -> dict[str, str]:
+    """summary.json's ``privacy.not_accounted``: what the method's one-time setup computes on
+    client data outside the DP mechanism (empty when it declares no such setup)."""
+    from fedtune.registry import METHODS
+
+    note = METHODS.get(cfg.strategy.name).capabilities.setup_on_client_data
+    return {"not_accounted": note} if note else {}
 
 
 def check_delta(cfg: Any, partition_sizes: list[int]) -> None:

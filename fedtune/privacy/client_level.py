@@ -10,10 +10,11 @@ aggregate gets ``N(0, (σC/m)²)`` per coordinate, m = ``num_sampled_clients``.
 Why only some methods, and only ``weighting: uniform``: that noise protects a client
 exactly when the released state is ``global + (1/m) Σ_k clip(Δ_k)``, i.e. the *uniform*
 mean of the m uploads (one client moves it by at most C/m, the noise is σ times that).
-FedAvg-LoRA, FFA-LoRA and Fed-SB release exactly that mean of their payload; a
-mean weighted by examples lets one client move it by ``p_k·C > C/m``; the other methods
-release something else (:data:`REFUSED`).  Everything here is a wrapper around any such
-strategy, not a variant per method.
+A method declares whether it releases exactly that mean of its payload, and under which
+of its settings (``weighting: uniform``: a mean weighted by examples lets one client move
+it by ``p_k·C > C/m``), in its ``capabilities.client_dp``; a method that releases something
+else says what (:mod:`fedtune.capabilities`).  Everything here is a wrapper around any
+such strategy, not a variant per method.
 
 What :class:`ClientLevelDP` adds around Flower's wrapper (fedtune's strategies keep
 their state in ``global_arrays`` and never read the ``arrays`` of Flower's loop):
@@ -24,8 +25,8 @@ their state in ``global_arrays`` and never read the ``arrays`` of Flower's loop)
   noise is calibrated for m), and the state is left as it was;
 * the grid is metered once, into the strategy's ledger, although Flower's ``start``
   (not ``FedtuneStrategy.start``) drives the loop;
-* the clipping reference is what the clients were sent (Fed-SB's round 1 follows its
-  setup), replies are put in that key order (Flower pairs arrays by position), and with
+* the clipping reference is what the clients were sent (a one-time setup may have
+  changed it), replies are put in that key order (Flower pairs arrays by position), and with
   client-side clipping the server checks that every update really is within C;
 * the noise comes from the run's seeded stream (``reproducible_noise``) and ε is
   accounted with Opacus' RDP accountant (Flower's own accountant requires its FedAvg).
@@ -52,25 +53,10 @@ from fedtune.comm.metered_grid import MeteredGrid
 from fedtune.config import CLIPPING_SIDES, ClientDPConfig
 from fedtune.errors import ConfigError
 from fedtune.flower.strategy import FedtuneStrategy, RoundInfo
-from fedtune.privacy.accounting import epsilon
+from fedtune.privacy.accounting import epsilon, not_accounted
 from fedtune.randomness import derive_seed
 from fedtune.schema import build
 
-# strategy -> what its global state is: a uniform mean of exactly the uploaded payload
-ALLOWED = {"fedavg_lora": "A, B and head", "ffa_lora": "B and head", "fed_sb": "r×r cores and head"}
-_SEEDS = ("clients upload (seed index, scalar) pairs and are sent seed accumulators, so 'reply − global' "
-          "is no model update to clip")
-REFUSED = {
-    "lora_fair": "its B is corrected by a residual computed from every client's own product B_k A_k, "
-                 "which the noise on the mean does not cover",
-    "fedex_lora": "it folds the residual Σ p_k B_k A_k − B̄Ā of the clients' own products into the frozen "
-                  "base and sends it unnoised",
-    "flora": "it stacks the clients' factors and merges their products into the base: no mean of the upload",
-    "fedkseed": _SEEDS,
-    "fedkseed_pro": _SEEDS,
-    "ferret": "clients upload per-client adaptive numbers of (seed, block) coordinates and are sent "
-              "accumulated coefficients, so 'reply − global' is no model update to clip",
-}
 DP_SGD_FIELDS = ("max_grad_norm", "target_epsilon", "planned_rounds", "sampling", "grad_sample_mode", "accountant")
 NOT_COVERED = "the clients' train-loss metrics (Flower's wrappers protect the arrays only)"
 
@@ -86,17 +72,17 @@ def build_section(raw: dict[str, Any]) -> ClientDPConfig:
 
 
 def check_supported(cfg: Any) -> None:
-    """Refuse a method whose aggregate is not a uniform mean of its upload, and δ ≥ 1/num_clients."""
+    """Refuse a method that does not declare client-level DP (its capabilities say why) or
+    whose conditions for it (e.g. ``weighting: uniform``) are unmet, and δ ≥ 1/num_clients."""
+    from fedtune.registry import METHODS
+
     name = cfg.strategy.name
-    if name not in ALLOWED:
-        reason = REFUSED.get(name, "its aggregation is not known to be a mean of the uploaded payload")
-        raise ConfigError(f"privacy: client_dp is not supported with strategy={name}: {reason}; "
-                          f"accepted: {', '.join(ALLOWED)}")
-    weighting = getattr(cfg.strategy, "weighting", None)
-    if weighting != "uniform":
-        raise ConfigError(f"strategy.weighting must be uniform under privacy=client_dp, got {weighting!r}: the "
-                          "noise σC/m covers one client moving a uniform mean of m clipped updates by C/m; "
-                          "weighting by examples lets one client move it by p_k·C > C/m")
+    support = METHODS.get(name).capabilities.client_dp
+    if not support.ok:
+        accepted = [spec.name for spec in METHODS.values() if spec.capabilities.client_dp.ok]
+        raise ConfigError(f"privacy: client_dp is not supported with strategy={name}: {support.reason}; "
+                          f"accepted: {', '.join(accepted)}")
+    support.check(cfg.strategy, "privacy=client_dp")
     n = cfg.federation.num_clients
     if not cfg.privacy.delta < 1.0 / n:
         raise ConfigError(f"privacy.delta must be < 1/num_clients = {1.0 / n:.3g} (the unit of client-level "
@@ -279,9 +265,7 @@ def summary_block(cfg: Any, runner: ClientLevelDP) -> dict[str, Any]:
                          "Poisson bound is the usual DP-FedAvg approximation (exact at q = 1); "
                          "epsilon_without_sampling is a client in every released round",
            "reproducible_noise": runner.noise_seed is not None, "not_covered": NOT_COVERED}
-    if cfg.strategy.name == "fed_sb":
-        out["not_accounted"] = "Fed-SB's one-time init gradients are computed on client data without DP"
-    return out
+    return {**out, **not_accounted(cfg)}
 
 
 # ----------------------------------------------------------------------------- client
@@ -290,7 +274,7 @@ def clip_on_client(cfg: Any, msg: Message, context: Context,
     """The ClientApp's train handler behind Flower's ``fixedclipping_mod`` when
     ``privacy=client_dp clipping=client``; ``call_next`` itself otherwise.  Only plain train
     messages go through it: the mod fails any message without one ArrayRecord and the
-    clipping norm (the roll-call, Fed-SB's setup)."""
+    clipping norm (the roll-call, a method's one-time setup)."""
     if cfg.privacy.name == "client_dp" and cfg.privacy.clipping == "client":
         return fixedclipping_mod(msg, context, call_next)
     return call_next(msg, context)
