@@ -22,8 +22,11 @@ their state in ``global_arrays`` and never read the ``arrays`` of Flower's loop)
   next round's clients, the central evaluation and the exported adapter all see it;
 * a round in which fewer than the m sampled clients contribute releases nothing (the
   noise is calibrated for m), and the state is left as it was;
-* the grid is metered once, into the strategy's ledger, although Flower's ``start``
-  (not ``FedtuneStrategy.start``) drives the loop;
+* the loop is fedtune's own (``FedtuneStrategy.start`` with this wrapper as its driver),
+  so the grid is metered once, into the strategy's ledger, and a run resumes: the
+  released rounds are checkpointed (:meth:`state_dict`), and the noise of a round is
+  either seeded from the round (``reproducible_noise``) or drawn from NumPy's global
+  stream, whose state the checkpoint holds;
 * the clipping reference is what the clients were sent (Fed-SB's round 1 follows its
   setup), replies are put in that key order (Flower pairs arrays by position), and with
   client-side clipping the server checks that every update really is within C;
@@ -48,12 +51,13 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import (DifferentialPrivacyClientSideFixedClipping,
                                      DifferentialPrivacyServerSideFixedClipping, Result, Strategy)
 
-from fedtune.comm.metered_grid import MeteredGrid
 from fedtune.config import CLIPPING_SIDES, ClientDPConfig
 from fedtune.errors import ConfigError
+from fedtune.flower.round_loop import RoundHooks
 from fedtune.flower.strategy import FedtuneStrategy, RoundInfo
 from fedtune.privacy.accounting import epsilon
 from fedtune.randomness import derive_seed
+from fedtune.results.state_codec import check_state_keys
 from fedtune.schema import build
 
 # strategy -> what its global state is: a uniform mean of exactly the uploaded payload
@@ -153,12 +157,15 @@ class ClientLevelDP(Strategy):
 
     def start(self, grid: Grid, initial_arrays: ArrayRecord, num_rounds: int = 3, timeout: float = 3600,
               train_config: ConfigRecord | None = None, evaluate_config: ConfigRecord | None = None,
-              evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None) -> Result:
-        """Flower's loop, driving this wrapper, over a grid metered into the strategy's ledger."""
-        self.inner.initialize(initial_arrays.to_torch_state_dict())
-        if not isinstance(grid, MeteredGrid):
-            grid = MeteredGrid(grid, self.inner.ledger, lambda node: self.inner.partition_of_node.get(node, -1))
-        return super().start(grid, initial_arrays, num_rounds, timeout, train_config, evaluate_config, evaluate_fn)
+              evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None,
+              resume: dict[str, Any] | None = None, hooks: RoundHooks | None = None) -> Result:
+        """fedtune's one round loop (the inner strategy's ``start``) driving this wrapper,
+        over a grid metered into the strategy's ledger; ``resume`` also restores the
+        released rounds (``resume["privacy"]``, :meth:`load_state_dict`)."""
+        if resume is not None:
+            self.load_state_dict(resume["privacy"])
+        return self.inner.start(grid, initial_arrays, num_rounds, timeout, train_config, evaluate_config,
+                                evaluate_fn, resume=resume, hooks=hooks, driver=self)
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
@@ -251,6 +258,17 @@ class ClientLevelDP(Strategy):
         finally:
             np.random.set_state(state)
 
+
+    # ------------------------------------------------------------------ checkpoint state
+    def state_dict(self) -> dict[str, Any]:
+        """What ε and the next rounds depend on beyond the inner strategy: the rounds
+        released and withheld (the noise of a round is a function of the run seed and the
+        round, or of NumPy's global state, which the checkpoint holds)."""
+        return {"released": list(self.released), "withheld": list(self.withheld)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        check_state_keys(state, self.state_dict(), type(self).__name__)
+        self.released, self.withheld = [int(r) for r in state["released"]], [int(r) for r in state["withheld"]]
 
 def update_norm(record: ArrayRecord, reference: dict[str, torch.Tensor]) -> float:
     """L2 norm of ``record − reference`` over all arrays (fp64), as Flower's clipping measures it."""
