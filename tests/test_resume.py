@@ -29,6 +29,7 @@ from conftest import without_control
 from safetensors.torch import load_file
 
 from fedtune.cli import main as cli_main
+from fedtune.comm.ledger import WireRecord
 from fedtune.config import compose
 from fedtune.flower.strategy import ClientUpdate, FedtuneStrategy, RoundInfo
 from fedtune.registry import METHODS
@@ -237,6 +238,8 @@ def test_checkpoints_are_read_without_pickle(tmp_path: Path, monkeypatch: pytest
     cfg, strategy = _strategy("fedkseed_pro")
     strategy.rounds[1] = RoundInfo(sampled=[2, 0], received=[0], failures={2: "gone"})
     strategy.client_epsilon = {0: 1.5, 2: math.inf}
+    strategy.ledger.records = [WireRecord(1, 0, "down", "train", 900, 512, node_id=77),
+                               WireRecord(1, -1, "up", "control", 60, 0), WireRecord(2, 2, "up", "resume", 5, 4)]
     save_checkpoint(tmp_path, 1, strategy.state_dict(), cfg.to_dict(), {"histories": {0: [(1.1, 0.25, 8)]}})
     manifest = json.loads((tmp_path / CHECKPOINT).read_text())  # plain JSON (no NaN literals either)
     assert set(manifest) == {"format", "tensors", "tensors_sha256", "content_sha256", "content"}
@@ -256,6 +259,7 @@ def test_checkpoints_are_read_without_pickle(tmp_path: Path, monkeypatch: pytest
     fresh.load_state_dict(loaded["strategy"])
     assert _same(fresh.state_dict(), strategy.state_dict())
     assert fresh.client_epsilon == {0: 1.5, 2: math.inf} and fresh.rounds[1].failures == {2: "gone"}
+    assert fresh.ledger.records == strategy.ledger.records and fresh.ledger.records[0].node_id == 0  # ids left out
 
 
 def test_another_methods_state_is_refused_in_one_line(tmp_path: Path) -> None:

@@ -39,11 +39,12 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
 
-from fedtune.comm.ledger import Ledger, WireRecord
+from fedtune.comm.ledger import Ledger
 from fedtune.comm.metered_grid import MeteredGrid
 from fedtune.errors import PayloadError
 from fedtune.flower.round_loop import RoundHooks, run_rounds
 from fedtune.models.state import check_arrays, load_trainable_state
+from fedtune.results.ledger_state import ledger_records, ledger_state
 from fedtune.results.state_codec import check_state_keys
 from fedtune.runtime.roster import SimulationRoster
 from fedtune.sampling import sample_partitions
@@ -372,7 +373,7 @@ class FedtuneStrategy(Strategy):
         ones).  A method extends it with its own state (``{**super().state_dict(), ...}``),
         which :func:`fedtune.results.checkpoint.save_checkpoint` writes as safetensors + JSON."""
         return {"global_arrays": dict(self.global_arrays),
-                "ledger": [asdict(r) for r in self.ledger.records],
+                "ledger": ledger_state(self.ledger.records),
                 "rounds": {r: asdict(info) for r, info in self.rounds.items()},
                 "client_epsilon": dict(self.client_epsilon)}
 
@@ -387,7 +388,7 @@ class FedtuneStrategy(Strategy):
             raise ValueError(f"{type(self).__name__}: the checkpoint's global state has other keys or shapes "
                              "than this run's model")
         self.global_arrays = dict(arrays)
-        self.ledger.records = [WireRecord(**r) for r in state["ledger"]]
+        self.ledger.records = ledger_records(state["ledger"])
         self.rounds = {int(r): RoundInfo(**info) for r, info in state["rounds"].items()}
         self.client_epsilon = {int(pid): float(eps) for pid, eps in state["client_epsilon"].items()}
 

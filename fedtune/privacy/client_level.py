@@ -22,11 +22,8 @@ their state in ``global_arrays`` and never read the ``arrays`` of Flower's loop)
   next round's clients, the central evaluation and the exported adapter all see it;
 * a round in which fewer than the m sampled clients contribute releases nothing (the
   noise is calibrated for m), and the state is left as it was;
-* the loop is fedtune's own (``FedtuneStrategy.start`` with this wrapper as its driver),
-  so the grid is metered once, into the strategy's ledger, and a run resumes: the
-  released rounds are checkpointed (:meth:`state_dict`), and the noise of a round is
-  either seeded from the round (``reproducible_noise``) or drawn from NumPy's global
-  stream, whose state the checkpoint holds;
+* fedtune's one loop drives it (``FedtuneStrategy.start(driver=self)``): the grid is
+  metered once, into the strategy's ledger, and a run resumes (:meth:`state_dict`);
 * the clipping reference is what the clients were sent (Fed-SB's round 1 follows its
   setup), replies are put in that key order (Flower pairs arrays by position), and with
   client-side clipping the server checks that every update really is within C;
@@ -159,9 +156,8 @@ class ClientLevelDP(Strategy):
               train_config: ConfigRecord | None = None, evaluate_config: ConfigRecord | None = None,
               evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None,
               resume: dict[str, Any] | None = None, hooks: RoundHooks | None = None) -> Result:
-        """fedtune's one round loop (the inner strategy's ``start``) driving this wrapper,
-        over a grid metered into the strategy's ledger; ``resume`` also restores the
-        released rounds (``resume["privacy"]``, :meth:`load_state_dict`)."""
+        """The inner strategy's ``start`` (fedtune's loop) driving this wrapper; ``resume``
+        also restores the released rounds (``resume["privacy"]``)."""
         if resume is not None:
             self.load_state_dict(resume["privacy"])
         return self.inner.start(grid, initial_arrays, num_rounds, timeout, train_config, evaluate_config,
@@ -261,9 +257,8 @@ class ClientLevelDP(Strategy):
 
     # ------------------------------------------------------------------ checkpoint state
     def state_dict(self) -> dict[str, Any]:
-        """What ε and the next rounds depend on beyond the inner strategy: the rounds
-        released and withheld (the noise of a round is a function of the run seed and the
-        round, or of NumPy's global state, which the checkpoint holds)."""
+        """Beyond the inner strategy, ε depends on the rounds released; a round's noise is
+        seeded from the round, or drawn from NumPy's global state, which the checkpoint holds."""
         return {"released": list(self.released), "withheld": list(self.withheld)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
