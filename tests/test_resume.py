@@ -268,3 +268,13 @@ def test_another_methods_state_is_refused_in_one_line(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"^FedKSeed: the checkpoint's state does not fit this method "
                                          r"\(missing abs_sum, accumulators"):
         fedkseed.load_state_dict(fedavg.state_dict())
+
+
+def test_a_dp_run_calibrated_to_its_rounds_resumes_only_with_them(tmp_path: Path,
+                                                                  capsys: pytest.CaptureFixture) -> None:
+    """σ was calibrated to num_rounds (no planned_rounds): another num_rounds would change σ mid-run."""
+    run_dir = _checkpointed_dir(tmp_path, "privacy=dp_sgd privacy.target_epsilon=3 privacy.delta=1e-3 num_rounds=4")
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["run", f"resume={run_dir}", "num_rounds=6"])
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and "calibrated its DP noise to num_rounds=4" in err, err
