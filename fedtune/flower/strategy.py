@@ -365,7 +365,6 @@ class FedtuneStrategy(Strategy):
                 continue
             yield ClientUpdate(pid, num_examples, arrays, scalars)
 
-
     # ------------------------------------------------------------------ checkpoint state
     def state_dict(self) -> dict[str, Any]:
         """What a resumed run needs of the base: the global state, the ledger, the round
