@@ -2,7 +2,7 @@
 
     fedtune run [HYDRA OVERRIDES...]     e.g. fedtune run model=tiny dataset=tiny num_rounds=3
     fedtune run -m seed=0,1,2            a Hydra multirun (one run directory per job)
-    fedtune run resume=RUN_DIR [num_rounds=N]   continue a killed run from its checkpoint.pt
+    fedtune run resume=RUN_DIR [num_rounds=N]   continue a killed run from its checkpoint
     fedtune run --help                   every config group and option
     fedtune plot RUN_DIR [RUN_DIR ...]   accuracy vs cumulative bytes, accuracy vs round (PNG)
     fedtune list                         strategies, models and datasets

@@ -41,6 +41,7 @@ from typing import IO
 from fedtune.config import compose
 from fedtune.plots import plot_study
 from fedtune.registry import METHODS
+from fedtune.results.checkpoint import has_checkpoint
 from fedtune.results.store import atomic_write_text, csv_text
 from fedtune.results.study import (collect, grid_cells, grid_markdown, markdown_table, measured_pace, run_dir,
                                    run_status, seconds_left, summarise)
@@ -101,7 +102,7 @@ def run_one(out: Path, partition: str, strategy: str, seed: int, rounds: int, ex
     if status == "completed":
         return "skipped"
     cli = [str(Path(sys.executable).with_name("fedtune")), "run"]
-    if status == "running" and (d / "checkpoint.pt").is_file():
+    if status == "running" and has_checkpoint(d):
         cmd, done = [*cli, f"resume={d}", f"num_rounds={rounds}"], "resumed"
     else:
         shutil.rmtree(d, ignore_errors=True)  # failed or never checkpointed: start afresh

@@ -209,6 +209,14 @@ class FedSB(FedtuneStrategy):
             set_bases(model, self.bases)
         load_trainable_state(model, self.global_arrays)
 
+    def state_dict(self) -> dict[str, Any]:
+        """The base's state and the bases B, A of the one-time setup."""
+        return {**super().state_dict(), "bases": dict(self.bases)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.bases = dict(state["bases"])
+
 
 register_method(
     "fed_sb", FedSB, trainer="lora_sb", config_cls=FedSBConfig,

@@ -232,10 +232,6 @@ class FedKSeed(FedtuneStrategy):
     def payload_problem(self, partition_id: int, arrays: Arrays) -> str:
         return bad_indices(arrays.get("indices", torch.zeros(0)), self.num_seeds)
 
-    def restore_state(self, state: dict) -> None:  # type: ignore[type-arg]
-        super().restore_state(state)
-        self.replica.bind(self.replay)  # type: ignore[union-attr]
-
     def aggregate(self, server_round: int, updates: list[ClientUpdate]) -> Arrays:
         delta = torch.zeros(self.num_seeds, dtype=torch.float64)
         for w, u in zip(weights_for(updates, self.weighting), updates):
@@ -254,6 +250,20 @@ class FedKSeed(FedtuneStrategy):
         assert self.replica is not None, "initialize() must run first"
         self.replica.sync(self.accumulators)
         return unflatten(self.replica.theta, self.names, self.shapes)
+
+    def state_dict(self) -> dict:  # type: ignore[type-arg]
+        """The base's state, the per-seed accumulators, Pro's histories (Σ|g|, counts) and
+        probabilities, and the replayed model."""
+        return {**super().state_dict(), "accumulators": self.accumulators, "abs_sum": self.abs_sum,
+                "counts": self.counts, "probabilities": self.probabilities,
+                "replica": self.replica.state_dict() if self.replica is not None else None}
+
+    def load_state_dict(self, state: dict) -> None:  # type: ignore[type-arg]
+        super().load_state_dict(state)
+        self.accumulators, self.abs_sum = state["accumulators"], state["abs_sum"]
+        self.counts, self.probabilities = state["counts"], state["probabilities"]
+        assert self.replica is not None, "initialize() must run first"
+        self.replica.load_state_dict(state["replica"])
 
 
 class FedKSeedPro(FedKSeed):

@@ -208,10 +208,6 @@ class Ferret(FedtuneStrategy):
         """``θ ← θ + Σ_(j,l) C[j,l] u_(j,l)`` (the model is linear in the coefficients)."""
         apply_coefficients(theta, coefficients, self.blocks, self.bases())
 
-    def restore_state(self, state: dict) -> None:  # type: ignore[type-arg]
-        super().restore_state(state)
-        self.replica.bind(self.replay)
-
     def bases(self) -> SeedDirections:
         """This process's basis source (the cached bank of all (seed, block) bases if it fits)."""
         return directions_for(self.seeds, "uniform", segments=self.blocks, cache_mb=self.direction_cache_mb)
@@ -236,6 +232,17 @@ class Ferret(FedtuneStrategy):
         self.coefficients = (self.coefficients.double() + step.double()).float()
         self.replica.sync(self.coefficients)
         return unflatten(self.replica.theta, self.names, self.shapes)
+
+    def state_dict(self) -> dict:  # type: ignore[type-arg]
+        """The base's state, the accumulated coefficients C and the replayed model (the
+        blocks and basis seeds are rebuilt from the initial model and the run seed)."""
+        return {**super().state_dict(), "coefficients": getattr(self, "coefficients", None),
+                "replica": self.replica.state_dict() if hasattr(self, "replica") else None}
+
+    def load_state_dict(self, state: dict) -> None:  # type: ignore[type-arg]
+        super().load_state_dict(state)
+        self.coefficients = state["coefficients"]
+        self.replica.load_state_dict(state["replica"])
 
 
 def encode_upload(counts: torch.Tensor, indices: torch.Tensor, values: torch.Tensor, num_seeds: int) -> Arrays:

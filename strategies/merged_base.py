@@ -70,6 +70,15 @@ class MergedDelta:
         """``D_l`` per module (fp64), decoded from the wire form exactly as a client does."""
         return split_deltas(self.arrays())[0]
 
+    def state_dict(self) -> dict[str, object]:
+        """The running sums (dense) or every round's factors (factored)."""
+        return {"dense": dict(self.dense), "factors": {m: list(pairs) for m, pairs in self.factors.items()}}
+
+    def load_state_dict(self, state: dict) -> None:  # type: ignore[type-arg]
+        self.dense = dict(state["dense"])
+        self.factors = {m: [(B, A) for B, A in pairs] for m, pairs in state["factors"].items()}
+        self._wire = None
+
 
 class MergedBaseStrategy(FedtuneStrategy):
     """Base for FedEx-LoRA and FLoRA: keeps :class:`MergedDelta`, sends it, loads it.
@@ -132,3 +141,11 @@ class MergedBaseStrategy(FedtuneStrategy):
     def load_base(self, model: torch.nn.Module) -> None:
         """``W ← W0 + D`` on the server's model, through the clients' own code path."""
         set_base(model, self.delta.total())
+
+    def state_dict(self) -> dict:  # type: ignore[type-arg]
+        """The base's state and the cumulative merged delta D."""
+        return {**super().state_dict(), "delta": self.delta.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:  # type: ignore[type-arg]
+        super().load_state_dict(state)
+        self.delta.load_state_dict(state["delta"])

@@ -45,17 +45,6 @@ class SeedReplica:
         self.theta0, self.apply = theta0.clone(), apply
         self.theta, self.coeffs = theta0.clone(), None
 
-    def __getstate__(self) -> dict:  # type: ignore[type-arg]
-        """θ0, θ and c for a checkpoint; ``apply`` (a method of the owner) is re-bound by it."""
-        return {"theta0": self.theta0, "theta": self.theta, "coeffs": self.coeffs}
-
-    def __setstate__(self, state: dict) -> None:  # type: ignore[type-arg]
-        self.__dict__.update(state)
-        self.apply = None  # type: ignore[assignment]
-
-    def bind(self, apply: Callable[[torch.Tensor, torch.Tensor], None]) -> None:
-        self.apply = apply
-
     def rebuild(self, coeffs: torch.Tensor) -> torch.Tensor:
         """``θ0 + apply(coeffs)`` (a new tensor)."""
         theta = self.theta0.clone()
@@ -73,6 +62,14 @@ class SeedReplica:
             self.apply(self.theta, delta)
         self.coeffs = coeffs.clone()
         return changed
+
+    def state_dict(self) -> dict[str, torch.Tensor | None]:
+        """θ and c for a checkpoint (θ as replayed, so a resumed run continues bit for bit;
+        θ0 is rebuilt from the run's initial model)."""
+        return {"theta": self.theta, "coeffs": self.coeffs}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor | None]) -> None:
+        self.theta, self.coeffs = state["theta"], state["coeffs"]
 
 
 def zo_steps(theta: torch.Tensor, indices: torch.Tensor, directions: SeedDirections,

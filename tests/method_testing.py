@@ -68,17 +68,13 @@ def task_identity(monkeypatch: pytest.MonkeyPatch) -> None:
 
 # ----------------------------------------------------------------------------- state
 def state_of(strategy: Any) -> dict[str, Any]:
-    """The strategy's explicit state (``state_dict``), or its checkpoint state."""
-    return strategy.state_dict() if hasattr(strategy, "state_dict") else strategy.checkpoint_state()
+    """The strategy's explicit state (``state_dict``)."""
+    return strategy.state_dict()
 
 
 def load_state(strategy: Any, state: dict[str, Any]) -> None:
     """Give ``strategy`` a deep copy of ``state`` (nothing stays shared with where it came from)."""
-    state = copy.deepcopy(state)
-    if hasattr(strategy, "load_state_dict"):
-        strategy.load_state_dict(state)
-    else:
-        strategy.restore_state(state)
+    strategy.load_state_dict(copy.deepcopy(state))
 
 
 def restored(spec: MethodSpec, cfg: Any, initial: dict[str, torch.Tensor], state: dict[str, Any]) -> Any:

@@ -1,19 +1,24 @@
 """Checkpoint and resume (issue 7).
 
-* Every method's whole server state survives ``checkpoint.pt`` (written and read back
-  through the real file), and a restored FedKSeed-Pro / Ferret server aggregates the
-  next round bit-identically to the one that never stopped.
+* Every method's ``state_dict`` survives the checkpoint (safetensors + JSON, written and
+  read back through the real files, with no pickle), and a restored FedKSeed-Pro /
+  Ferret server aggregates the next round bit-identically to the one that never stopped.
 * End to end (conftest.py, driven by ``simulations/study.py``): ``fedtune run ...
   faults.server_kill_round=2`` SIGKILLs the server after
   round 2's checkpoint; ``fedtune run resume=RUN_DIR`` continues it, and the result has
   exactly the metrics and the adapter of the uninterrupted same-seed run of conftest.py.
-* A resume that cannot be exact (other settings, DP) is refused in one line.
+* Private runs (DP-SGD, client-level DP) killed and resumed end with the same ε, metrics
+  and adapter as uninterrupted ones (tests/test_private_resume.py).
+* A resume that cannot be exact (other settings) and a truncated or changed checkpoint
+  are refused in one line.
 """
 
 from __future__ import annotations
 
 import csv
 import json
+import math
+import pickle
 import signal
 from pathlib import Path
 from typing import Any
@@ -24,8 +29,9 @@ from conftest import without_control
 from safetensors.torch import load_file
 
 from fedtune.cli import main as cli_main
+from fedtune.comm.ledger import WireRecord
 from fedtune.config import compose
-from fedtune.flower.strategy import ClientUpdate, FedtuneStrategy
+from fedtune.flower.strategy import ClientUpdate, FedtuneStrategy, RoundInfo
 from fedtune.registry import METHODS
 from fedtune.results.checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint
 from fedtune.results.store import TIMING_COLUMNS, RunStore
@@ -51,6 +57,8 @@ def _same(a: Any, b: Any) -> bool:
         return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
     if isinstance(a, (list, tuple)):
         return type(a) is type(b) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, float):
+        return isinstance(b, float) and (a == b or (math.isnan(a) and math.isnan(b)))
     if hasattr(a, "__dict__") and not isinstance(a, type):
         return type(a) is type(b) and _same(vars(a), vars(b))
     return a == b
@@ -59,15 +67,17 @@ def _same(a: Any, b: Any) -> bool:
 @pytest.mark.parametrize("name", METHODS.names())
 def test_checkpoint_round_trips_every_methods_state(name: str, tmp_path: Path) -> None:
     cfg, strategy = _strategy(name)
-    state = strategy.checkpoint_state()
-    assert "global_arrays" in state and "ledger" in state and not set(state) & FedtuneStrategy.transient
+    state = strategy.state_dict()
+    assert {"global_arrays", "ledger", "rounds", "client_epsilon"} <= set(state)
+    assert not {"node_of", "partition_of_node", "roster"} & set(state)  # a new run has new node ids
     save_checkpoint(tmp_path, 4, state, cfg.to_dict())
     loaded = load_checkpoint(tmp_path)
     assert loaded["round"] == 4 and loaded["config"] == cfg.to_dict()
     _, fresh = _strategy(name)
-    fresh.restore_state(loaded["strategy"])
-    assert _same(fresh.checkpoint_state(), state)
+    fresh.load_state_dict(loaded["strategy"])
+    assert _same(fresh.state_dict(), state)
     assert not list(tmp_path.glob(".*.tmp"))
+    assert sorted(p.suffix for p in tmp_path.iterdir()) == [".json", ".safetensors"]
 
 
 def _seed_updates(name: str, strategy: Any, round_seed: int) -> list[ClientUpdate]:
@@ -92,9 +102,11 @@ def _seed_updates(name: str, strategy: Any, round_seed: int) -> list[ClientUpdat
 def test_a_restored_server_aggregates_the_next_round_identically(name: str, tmp_path: Path) -> None:
     cfg, original = _strategy(name)
     original.global_arrays = original.aggregate(1, _seed_updates(name, original, 1))
-    save_checkpoint(tmp_path, 1, original.checkpoint_state(), cfg.to_dict())
+    original.rounds[1] = RoundInfo(sampled=[0, 1, 2], received=[0, 2], failures={1: "crashed"}, train_loss=0.5)
+    save_checkpoint(tmp_path, 1, original.state_dict(), cfg.to_dict())
     _, restored = _strategy(name)
-    restored.restore_state(load_checkpoint(tmp_path)["strategy"])
+    restored.load_state_dict(load_checkpoint(tmp_path)["strategy"])
+    assert repr(restored.rounds) == repr(original.rounds) and math.isnan(restored.rounds[1].epsilon)  # NaN != NaN
     round2 = _seed_updates(name, original, 2)
     a, b = original.aggregate(2, round2), restored.aggregate(2, round2)
     assert all(torch.equal(a[k], b[k]) for k in a) and a.keys() == b.keys()
@@ -147,7 +159,7 @@ def _checkpointed_dir(tmp_path: Path, overrides: str) -> Path:
     store.write_config(cfg.to_dict())
     store.add_round({"round": 0, "eval_accuracy": "0.25", "wall_seconds": "1.0"})
     _, strategy = _strategy(cfg.strategy.name)
-    save_checkpoint(tmp_path, 1, strategy.checkpoint_state(), cfg.to_dict())
+    save_checkpoint(tmp_path, 1, strategy.state_dict(), cfg.to_dict())
     return tmp_path
 
 
@@ -165,9 +177,8 @@ def test_resume_refuses_other_overrides(tmp_path: Path, capsys: pytest.CaptureFi
     assert exit_info.value.code == 2 and message in err and len(err.splitlines()) == 1, err
 
 
-def test_resume_refuses_a_dp_run_a_changed_config_and_a_missing_checkpoint(tmp_path: Path,
-                                                                           capsys: pytest.CaptureFixture) -> None:
-    dp = _checkpointed_dir(tmp_path / "dp", "privacy=dp_sgd privacy.target_epsilon=3 privacy.delta=1e-3")
+def test_resume_refuses_a_changed_config_and_a_missing_checkpoint(tmp_path: Path,
+                                                                  capsys: pytest.CaptureFixture) -> None:
     changed = _checkpointed_dir(tmp_path / "changed", "")
     text = (changed / "config.yaml").read_text()
     assert "\nseed: 0\n" in text
@@ -175,8 +186,95 @@ def test_resume_refuses_a_dp_run_a_changed_config_and_a_missing_checkpoint(tmp_p
     empty = tmp_path / "empty"
     empty.mkdir()
     (empty / "config.yaml").write_text((changed / "config.yaml").read_text())
-    for run_dir, message in ((dp, "privacy=dp_sgd runs cannot be resumed"), (changed, "seed differ"),
-                             (empty, f"has no {CHECKPOINT}")):
+    for run_dir, message in ((changed, "seed differ"), (empty, f"has no {CHECKPOINT}")):
         with pytest.raises(SystemExit):
             cli_main(["run", f"resume={run_dir}"])
         assert message in capsys.readouterr().err, message
+
+
+def _tensor_file(run_dir: Path) -> Path:
+    return run_dir / json.loads((run_dir / CHECKPOINT).read_text())["tensors"]
+
+
+def _flip_last_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def _edit_round(path: Path) -> None:
+    path.write_text(path.read_text().replace('"round": 1', '"round": 0'))
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda d: _flip_last_byte(_tensor_file(d)), "is truncated or was changed (its SHA-256"),
+    (lambda d: _tensor_file(d).write_bytes(_tensor_file(d).read_bytes()[:-100]), "is truncated or was changed"),
+    (lambda d: (d / CHECKPOINT).write_bytes((d / CHECKPOINT).read_bytes()[:-40]), "is not a readable checkpoint"),
+    (lambda d: _edit_round(d / CHECKPOINT), "was changed after it was written"),
+    (lambda d: _tensor_file(d).unlink(), "which"),
+])
+def test_a_tampered_or_truncated_checkpoint_is_refused_before_anything_runs(
+        tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch, damage: Any,
+        message: str) -> None:
+    run_dir = _checkpointed_dir(tmp_path, "")
+    text = (run_dir / CHECKPOINT).read_text()
+    assert '"round": 1' in text  # what _edit_round changes
+    damage(run_dir)
+    import fedtune.runtime.simulation as simulation
+
+    def must_not_run(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("the simulation started on a refused checkpoint")
+
+    monkeypatch.setattr(simulation, "simulate", must_not_run)
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["run", f"resume={run_dir}"])
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and message in err and len(err.splitlines()) == 1, err
+
+
+def test_checkpoints_are_read_without_pickle(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The files are a safetensors tensor file and JSON; reading them and loading every kind of
+    state (tensors, tuples, int-keyed dicts, NaN) works with every unpickler disabled."""
+    cfg, strategy = _strategy("fedkseed_pro")
+    strategy.rounds[1] = RoundInfo(sampled=[2, 0], received=[0], failures={2: "gone"})
+    strategy.client_epsilon = {0: 1.5, 2: math.inf}
+    strategy.ledger.records = [WireRecord(1, 0, "down", "train", 900, 512, node_id=77),
+                               WireRecord(1, -1, "up", "control", 60, 0), WireRecord(2, 2, "up", "resume", 5, 4)]
+    save_checkpoint(tmp_path, 1, strategy.state_dict(), cfg.to_dict(), {"histories": {0: [(1.1, 0.25, 8)]}})
+    manifest = json.loads((tmp_path / CHECKPOINT).read_text())  # plain JSON (no NaN literals either)
+    assert set(manifest) == {"format", "tensors", "tensors_sha256", "content_sha256", "content"}
+    tensors = load_file(_tensor_file(tmp_path))  # a valid safetensors file
+    assert tensors and all(isinstance(t, torch.Tensor) for t in tensors.values())
+
+    def refuse(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("pickle used to read a checkpoint")
+
+    monkeypatch.setattr(torch, "load", refuse)
+    monkeypatch.setattr(pickle, "load", refuse)
+    monkeypatch.setattr(pickle, "loads", refuse)
+    monkeypatch.setattr(pickle, "Unpickler", refuse)
+    loaded = load_checkpoint(tmp_path)
+    assert loaded["privacy"] == {"histories": {0: [(1.1, 0.25, 8)]}}
+    _, fresh = _strategy("fedkseed_pro")
+    fresh.load_state_dict(loaded["strategy"])
+    assert _same(fresh.state_dict(), strategy.state_dict())
+    assert fresh.client_epsilon == {0: 1.5, 2: math.inf} and fresh.rounds[1].failures == {2: "gone"}
+    assert fresh.ledger.records == strategy.ledger.records and fresh.ledger.records[0].node_id == 0  # ids left out
+
+
+def test_another_methods_state_is_refused_in_one_line(tmp_path: Path) -> None:
+    _, fedavg = _strategy("fedavg_lora")
+    _, fedkseed = _strategy("fedkseed")
+    with pytest.raises(ValueError, match=r"^FedKSeed: the checkpoint's state does not fit this method "
+                                         r"\(missing abs_sum, accumulators"):
+        fedkseed.load_state_dict(fedavg.state_dict())
+
+
+def test_a_dp_run_calibrated_to_its_rounds_resumes_only_with_them(tmp_path: Path,
+                                                                  capsys: pytest.CaptureFixture) -> None:
+    """σ was calibrated to num_rounds (no planned_rounds): another num_rounds would change σ mid-run."""
+    run_dir = _checkpointed_dir(tmp_path, "privacy=dp_sgd privacy.target_epsilon=3 privacy.delta=1e-3 num_rounds=4")
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["run", f"resume={run_dir}", "num_rounds=6"])
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and "calibrated its DP noise to num_rounds=4" in err, err

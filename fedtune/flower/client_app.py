@@ -22,6 +22,7 @@ from fedtune.config import RunConfig, compose, from_dict
 from fedtune.flower.faults import with_faults
 from fedtune.privacy.client_level import clip_on_client
 from fedtune.privacy.dp_sgd import with_privacy
+from fedtune.privacy.histories import adopt_history
 from fedtune.runtime.environment import quiet_libraries
 from fedtune.runtime.workspace import LocalDataWorkspace, Workspace
 from fedtune.trainer import TrainContext
@@ -104,6 +105,7 @@ def make_client_app(cfg: dict[str, Any] | None = None) -> ClientApp:
         arrays = msg.content["arrays"].to_torch_state_dict() if "arrays" in msg.content else {}
         run = getattr(workspace.trainer, action)
         if action == "train":  # DP budget check and ε report (identity when privacy=none)
+            adopt_history(ctx.state, msg.content["config"])  # a resumed server gives a DP history back
             run = with_privacy(run, workspace.cfg)
             run = with_faults(run, workspace.cfg)  # fault injection, outermost (identity when off)
         upload, metrics = run(workspace.model(), arrays, workspace, ctx)

@@ -1,7 +1,8 @@
 """The fedtune ``ServerApp``: build the strategy named in the config and run the rounds.
 
-Each round the global model is evaluated centrally on the held-out test split; a row
-goes to ``metrics.csv`` (atomically), the server's state to ``checkpoint.pt``
+Each round the global model is evaluated centrally on the held-out test split
+(``evaluate_fn``); the end-of-round hook (:class:`~fedtune.flower.run_record.RunRecorder`)
+then writes a row to ``metrics.csv`` (atomically), the server's state to the checkpoint
 (atomically; :mod:`fedtune.results.checkpoint`) and one progress line to stdout.  At the
 end the final adapter is saved in peft format and ``summary.json`` is written last.
 ``resume=True`` continues a run directory from its checkpoint.
@@ -14,8 +15,6 @@ end the final adapter is saved in peft format and ``summary.json`` is written la
 from __future__ import annotations
 
 import math
-import os
-import signal
 import time
 from datetime import datetime
 from pathlib import Path
@@ -29,15 +28,13 @@ from fedtune.evaluation import evaluate, evaluate_heldout
 from fedtune.privacy.accounting import check_delta, not_accounted
 from fedtune.privacy.client_level import summary_block, with_client_dp
 from fedtune.registry import METHODS
-from fedtune.results.checkpoint import load_checkpoint, save_checkpoint, set_rng_state
+from fedtune.flower.run_record import RunRecorder
+from fedtune.privacy.histories import AccountantHistories, server_privacy_state
+from fedtune.results.checkpoint import load_checkpoint, set_rng_state
 from fedtune.results.store import RunStore, atomic_write_dir, read_metrics
 from fedtune.runtime.environment import quiet_libraries
 from fedtune.runtime.roster import SimulationRoster
 from fedtune.runtime.workspace import Workspace
-
-
-def _mb(n: float) -> str:
-    return f"{n / 1e6:.2f} MB" if n >= 1e5 else f"{n / 1e3:.1f} kB"
 
 
 def versions() -> dict[str, str]:
@@ -56,11 +53,6 @@ def failure_log(strategy: Any) -> list[dict[str, Any]]:
     """Every failed client of the run, with its reason (summary.json ``failures``)."""
     return [{"round": r, "client": pid, "reason": reason}
             for r, info in sorted(strategy.rounds.items()) for pid, reason in sorted(info.failures.items())]
-
-
-def _cell(value: float) -> str:
-    """A metrics.csv cell: 6 decimals, empty for NaN (not measured)."""
-    return "" if math.isnan(value) else f"{value:.6f}"
 
 
 def privacy_summary(cfg: RunConfig, strategy: Any, runner: Any = None) -> dict[str, Any]:
@@ -84,12 +76,10 @@ def resume_point(cfg: RunConfig, out_dir: Path) -> tuple[dict[str, Any], list[di
     """The checkpoint of ``out_dir`` and its metrics rows up to the checkpointed round.
 
     Refuses a checkpoint of another experiment (any config field but ``num_rounds`` and
-    ``faults.server_kill_round`` differs) and runs whose state lives partly on clients
-    that a restart loses (example-level DP accountants) or in Flower's DP wrappers.
+    ``faults.server_kill_round`` differs) and one that is truncated or was changed
+    (:func:`~fedtune.results.checkpoint.load_checkpoint`).  Private runs resume too: the
+    checkpoint holds the DP accountant histories or client-level DP's released rounds.
     """
-    if cfg.privacy.name != "none":
-        raise ValueError(f"resume: privacy={cfg.privacy.name} runs cannot be resumed (the privacy accounting "
-                         "lives in client processes and Flower's DP wrapper, which a restart loses)")
     checkpoint = load_checkpoint(out_dir)
     saved, now = dict(checkpoint["config"]), cfg.to_dict()
     for d in (saved, now):
@@ -99,6 +89,11 @@ def resume_point(cfg: RunConfig, out_dir: Path) -> tuple[dict[str, Any], list[di
         changed = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
         raise ValueError(f"resume: {out_dir} was run with other settings ({', '.join(changed)} differ); "
                          "only num_rounds may change on resume")
+    pc, saved_rounds = cfg.privacy, checkpoint["config"]["num_rounds"]
+    if (pc.name == "dp_sgd" and pc.noise_multiplier is None and pc.planned_rounds is None
+            and saved_rounds != cfg.num_rounds):
+        raise ValueError(f"resume: {out_dir} calibrated its DP noise to num_rounds={saved_rounds} "
+                         "(privacy.planned_rounds unset); resume it with that num_rounds")
     if checkpoint["round"] > cfg.num_rounds:
         raise ValueError(f"resume: {out_dir} is checkpointed at round {checkpoint['round']}, "
                          f"past num_rounds={cfg.num_rounds}")
@@ -110,7 +105,7 @@ def run_server(grid: Grid, cfg: RunConfig, out_dir: Path, resume: bool = False,
                roster: SimulationRoster | None = None) -> dict[str, Any]:
     """Run ``cfg.num_rounds`` rounds on ``grid``; write the run directory; return the summary.
 
-    ``resume``: continue ``out_dir`` from its ``checkpoint.pt`` (rounds after it only).
+    ``resume``: continue ``out_dir`` from its checkpoint (rounds after it only).
     ``roster``: the simulation engine's node map (:mod:`fedtune.runtime.roster`), which
     replaces the roll-call; ``None`` in deployment.
     """
@@ -147,61 +142,32 @@ def _run_rounds(grid: Grid, cfg: RunConfig, store: RunStore, checkpoint: dict[st
     strategy.roster = roster
     elapsed = float(store.rows[-1]["wall_seconds"]) if store.rows else 0.0  # a resumed run's clock goes on
     t_start = time.perf_counter() - elapsed
-    clock = {"last": time.perf_counter()}
     resumed = f", resumed after round {checkpoint['round']}" if checkpoint else ""
     print(f"fedtune: {cfg.strategy.name} on {cfg.model.name}/{cfg.dataset.name}, "
           f"{cfg.federation.num_clients} clients ({cfg.federation.clients_per_round} per round), "
           f"{cfg.num_rounds} rounds, seed {cfg.seed}{resumed} -> {store.dir}", flush=True)
 
     def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+        """Central evaluation of the global model on the test split (NaN when not due)."""
         strategy.load_into(model)
         due = server_round % cfg.eval.every == 0 or server_round == cfg.num_rounds
         loss, acc = (evaluate(model, test, cfg.eval.batch_size, workspace.device, cfg.eval.max_examples)
                      if due else (math.nan, math.nan))
         h_loss, h_acc = (evaluate_heldout(model, test, cfg.eval.batch_size, workspace.device, cfg.eval.max_examples)
                          if due else (math.nan, math.nan))  # NaN unless the dataset holds a category out
-        now = time.perf_counter()
-        info = strategy.rounds.get(server_round)
-        totals = strategy.ledger.round_totals(server_round)
-        row = {"round": server_round, "strategy": cfg.strategy.name,
-               "sampled_clients": ";".join(map(str, info.sampled)) if info else "",
-               "num_replies": len(info.received) if info else 0, "num_failures": len(info.failures) if info else 0,
-               "failed_clients": ";".join(map(str, sorted(info.failures))) if info else "",
-               "train_loss": f"{info.train_loss:.6f}" if info else "", "eval_loss": f"{loss:.6f}",
-               "eval_accuracy": f"{acc:.6f}", **totals,
-               "cumulative_bytes": strategy.ledger.cumulative_bytes(server_round),
-               "aggregate_seconds": f"{info.aggregate_seconds:.4f}" if info else "0",
-               "round_seconds": f"{now - clock['last']:.3f}", "wall_seconds": f"{now - t_start:.3f}",
-               "epsilon": _cell(info.epsilon if info else math.nan), "heldout_loss": _cell(h_loss), "heldout_accuracy": _cell(h_acc)}
-        clock["last"] = now
-        store.add_round(row)
-        first = store.rows[0]["eval_accuracy"]
-        fails = f", {row['num_failures']} failed" if row["num_failures"] else ""
-        if info and info.failures:  # name them: in deployment a failure is a participant to look at
-            fails += " (client " + ", ".join(map(str, sorted(info.failures))) + ")"
-        if row["epsilon"]:
-            spent = f", {len(info.budget_spent)} out of budget" if info and info.budget_spent else ""
-            fails += f"  eps {float(row['epsilon']):.3g}{spent}"
-        print(f"[round {server_round:>3}/{cfg.num_rounds}] acc {acc:.4f} (round 0: {float(first):.4f})  "
-              f"eval loss {loss:.4f}  clients {row['num_replies']}/{len(info.sampled) if info else 0}{fails}  "
-              f"up {_mb(totals['bytes_up'])} down {_mb(totals['bytes_down'])}  "
-              f"total {_mb(row['cumulative_bytes'])}  {now - t_start:.1f}s", flush=True)
-        if server_round > 0:
-            save_checkpoint(store.dir, server_round, strategy.checkpoint_state(), cfg.to_dict())
-        if server_round and server_round == cfg.faults.server_kill_round:  # fault injection: die as a killed process does
-            print(f"fedtune: faults.server_kill_round={server_round}: killing the server", flush=True)
-            os.kill(os.getpid(), signal.SIGKILL)
-        return MetricRecord({"eval-loss": loss, "eval-accuracy": acc})
+        return MetricRecord({"eval-loss": loss, "eval-accuracy": acc, "heldout-loss": h_loss,
+                             "heldout-accuracy": h_acc})
 
     initial = ArrayRecord(workspace.initial_arrays())
     runner = with_client_dp(strategy, cfg)  # Flower's DP wrapper around it under privacy=client_dp
+    privacy = server_privacy_state(cfg, runner)
     if checkpoint is not None:
         set_rng_state(checkpoint["rng"])
-        strategy.start(grid=grid, initial_arrays=initial, num_rounds=cfg.num_rounds, evaluate_fn=evaluate_fn,
-                       timeout=cfg.federation.round_timeout, resume=checkpoint)
-    else:
-        runner.start(grid=grid, initial_arrays=initial, num_rounds=cfg.num_rounds, evaluate_fn=evaluate_fn,
-                     timeout=cfg.federation.round_timeout)
+        if isinstance(privacy, AccountantHistories):
+            privacy.load_state_dict(checkpoint["privacy"])  # (client-level DP's: in runner.start)
+    recorder = RunRecorder(cfg, store, strategy, privacy, t_start)
+    runner.start(grid=grid, initial_arrays=initial, num_rounds=cfg.num_rounds, evaluate_fn=evaluate_fn,
+                 timeout=cfg.federation.round_timeout, resume=checkpoint, hooks=recorder)
 
     strategy.load_into(model)
     atomic_write_dir(store.dir / "adapter", lambda tmp: strategy.export(model, str(tmp)))

@@ -18,9 +18,9 @@ It does the messaging once for all methods, so a method only writes its maths:
   through ``evaluate_fn``.
 * **metering**: :meth:`start` wraps the grid in a :class:`MeteredGrid`, so every
   message is counted in :attr:`ledger`, whoever drives the loop.
-* **checkpoints**: :meth:`checkpoint_state` is everything the strategy holds (global
-  state, ledger, round records and the method's own attributes) except the run's node
-  ids; ``start(..., resume=state)`` restores it and continues at the next round.
+* **checkpoints**: :meth:`state_dict` is what a resumed run needs (global state, ledger,
+  round records, client ε; each method adds its own state explicitly), never the run's
+  node ids; ``start(..., resume=checkpoint)`` loads it and continues at the next round.
 
 Subclasses implement :meth:`aggregate` (pure tensor maths) and may override
 :meth:`downlink` (per-client payloads) and :meth:`initialize`.
@@ -31,6 +31,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
+from dataclasses import asdict
 from logging import INFO, WARNING
 from typing import Any
 
@@ -44,8 +45,10 @@ from fedtune.comm.ledger import Ledger
 from fedtune.comm.metered_grid import MeteredGrid
 from fedtune.flower.nodes import ROLLCALL, discover_nodes, lacks_handler
 from fedtune.flower.replies import Arrays, ClientUpdate, RoundInfo, decode_replies, missing_replies, weights_for
-from fedtune.flower.round_loop import run_rounds
+from fedtune.flower.round_loop import RoundHooks, run_rounds
 from fedtune.models.state import load_trainable_state
+from fedtune.results.ledger_state import ledger_records, ledger_state
+from fedtune.results.state_codec import check_state_keys
 from fedtune.runtime.roster import SimulationRoster
 from fedtune.sampling import sample_partitions
 
@@ -74,7 +77,6 @@ class FedtuneStrategy(Strategy):
 
     name = "base"
     client_app_needs: tuple[str, ...] = ()
-    transient = frozenset({"_grid", "node_of", "partition_of_node", "_resuming", "roster"})  # never checkpointed
 
     def __init__(self, *, num_clients: int, clients_per_round: int, seed: int = 0,
                  weighting: str = "examples", min_replies: int = 1, rollcall_timeout: float = 300.0) -> None:
@@ -128,18 +130,6 @@ class FedtuneStrategy(Strategy):
                                                  f"'{message_type}' handler"))
         return replies
 
-    def checkpoint_state(self) -> dict[str, Any]:
-        """Everything this strategy holds, but the run's node ids (a new run has new ones).
-
-        Taken from the instance's attributes, so a method's own state (accumulators,
-        histories, bases, merged deltas) is included without the method listing it.
-        """
-        return {k: v for k, v in vars(self).items() if k not in self.transient}
-
-    def restore_state(self, state: dict[str, Any]) -> None:
-        """Inverse of :meth:`checkpoint_state` (called after :meth:`initialize`)."""
-        vars(self).update(state)
-
     def downlink(self, server_round: int, partition_id: int) -> Arrays:
         """What client ``partition_id`` receives for training (default: the global state)."""
         return self.global_arrays
@@ -192,22 +182,28 @@ class FedtuneStrategy(Strategy):
     def start(self, grid: Grid, initial_arrays: ArrayRecord, num_rounds: int = 3, timeout: float = 3600,
               train_config: ConfigRecord | None = None, evaluate_config: ConfigRecord | None = None,
               evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None,
-              resume: dict[str, Any] | None = None) -> Result:
+              resume: dict[str, Any] | None = None, hooks: RoundHooks | None = None,
+              driver: Strategy | None = None) -> Result:
         """The round loop (:func:`run_rounds`) over a metered grid.
 
-        ``resume``: a :meth:`checkpoint_state` taken after round ``resume["round"]``
-        (the dict of :func:`fedtune.results.checkpoint.load_checkpoint`); the run goes on
-        from the next round, as if it had never stopped.
+        ``resume``: a checkpoint taken after round ``resume["round"]`` (the dict of
+        :func:`fedtune.results.checkpoint.load_checkpoint`); :meth:`load_state_dict` takes
+        ``resume["strategy"]`` and the run goes on from the next round, as if it had never
+        stopped.  ``hooks``: what the run does around each round (metrics, checkpoint).
+        ``driver``: a wrapper around this strategy that the loop drives instead (Flower's
+        DP wrappers, :class:`~fedtune.privacy.client_level.ClientLevelDP`); this strategy
+        still keeps the state and meters the grid.
         """
-        self.summary()
+        (driver or self).summary()
         self.initialize(initial_arrays.to_torch_state_dict())
         first_round, arrays = 1, initial_arrays
         if resume is not None:
-            self.restore_state(resume["strategy"])
+            self.load_state_dict(resume["strategy"])
             self._resuming = True
             first_round, arrays = resume["round"] + 1, ArrayRecord(self.global_arrays)
         self._grid = grid if isinstance(grid, MeteredGrid) else MeteredGrid(grid, self.ledger, self._partition)
-        return run_rounds(self, self._grid, arrays, num_rounds, timeout, train_config, evaluate_fn, first_round)
+        return run_rounds(driver or self, self._grid, arrays, num_rounds, timeout, train_config, evaluate_fn,
+                          first_round, hooks)
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
@@ -285,6 +281,32 @@ class FedtuneStrategy(Strategy):
         """Valid updates (:func:`~fedtune.flower.replies.decode_replies`); every other reply
         is recorded in ``info.failures`` with its reason."""
         return decode_replies(replies, info, self, self._partition, self.client_epsilon, unattributed)
+
+    # ------------------------------------------------------------------ checkpoint state
+    def state_dict(self) -> dict[str, Any]:
+        """What a resumed run needs of the base: the global state, the ledger, the round
+        records and the clients' latest ε; never the run's node ids (a new run has new
+        ones).  A method extends it with its own state (``{**super().state_dict(), ...}``),
+        which :func:`fedtune.results.checkpoint.save_checkpoint` writes as safetensors + JSON."""
+        return {"global_arrays": dict(self.global_arrays),
+                "ledger": ledger_state(self.ledger.records),
+                "rounds": {r: asdict(info) for r, info in self.rounds.items()},
+                "client_epsilon": dict(self.client_epsilon)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Inverse of :meth:`state_dict` (after :meth:`initialize`); a state with other keys
+        (another method's, another version's) is refused in one line.  A method loads its
+        own keys after ``super().load_state_dict(state)``."""
+        check_state_keys(state, self.state_dict(), type(self).__name__)
+        arrays = state["global_arrays"]
+        if self.global_arrays and {k: tuple(v.shape) for k, v in arrays.items()} != {
+                k: tuple(v.shape) for k, v in self.global_arrays.items()}:
+            raise ValueError(f"{type(self).__name__}: the checkpoint's global state has other keys or shapes "
+                             "than this run's model")
+        self.global_arrays = dict(arrays)
+        self.ledger.records = ledger_records(state["ledger"])
+        self.rounds = {int(r): RoundInfo(**info) for r, info in state["rounds"].items()}
+        self.client_epsilon = {int(pid): float(eps) for pid, eps in state["client_epsilon"].items()}
 
 
 @contextmanager

@@ -23,10 +23,10 @@ their state in ``global_arrays`` and never read the ``arrays`` of Flower's loop)
   next round's clients, the central evaluation and the exported adapter all see it;
 * a round in which fewer than the m sampled clients contribute releases nothing (the
   noise is calibrated for m), and the state is left as it was;
-* the grid is metered once, into the strategy's ledger, although Flower's ``start``
-  (not ``FedtuneStrategy.start``) drives the loop;
-* the clipping reference is what the clients were sent (a one-time setup may have
-  changed it), replies are put in that key order (Flower pairs arrays by position), and with
+* fedtune's one loop drives it (``FedtuneStrategy.start(driver=self)``): the grid is
+  metered once, into the strategy's ledger, and a run resumes (:meth:`state_dict`);
+* the clipping reference is what the clients were sent (a one-time setup may
+  have changed it), replies are put in that key order (Flower pairs arrays by position), and with
   client-side clipping the server checks that every update really is within C;
 * the noise comes from the run's seeded stream (``reproducible_noise``) and ε is
   accounted with Opacus' RDP accountant (Flower's own accountant requires its FedAvg).
@@ -49,12 +49,13 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import (DifferentialPrivacyClientSideFixedClipping,
                                      DifferentialPrivacyServerSideFixedClipping, Result, Strategy)
 
-from fedtune.comm.metered_grid import MeteredGrid
 from fedtune.config import CLIPPING_SIDES, ClientDPConfig
 from fedtune.errors import ConfigError
+from fedtune.flower.round_loop import RoundHooks
 from fedtune.flower.strategy import FedtuneStrategy, RoundInfo
 from fedtune.privacy.accounting import epsilon, not_accounted
 from fedtune.randomness import derive_seed
+from fedtune.results.state_codec import check_state_keys
 from fedtune.schema import build
 
 DP_SGD_FIELDS = ("max_grad_norm", "target_epsilon", "planned_rounds", "sampling", "grad_sample_mode", "accountant")
@@ -139,12 +140,14 @@ class ClientLevelDP(Strategy):
 
     def start(self, grid: Grid, initial_arrays: ArrayRecord, num_rounds: int = 3, timeout: float = 3600,
               train_config: ConfigRecord | None = None, evaluate_config: ConfigRecord | None = None,
-              evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None) -> Result:
-        """Flower's loop, driving this wrapper, over a grid metered into the strategy's ledger."""
-        self.inner.initialize(initial_arrays.to_torch_state_dict())
-        if not isinstance(grid, MeteredGrid):
-            grid = MeteredGrid(grid, self.inner.ledger, lambda node: self.inner.partition_of_node.get(node, -1))
-        return super().start(grid, initial_arrays, num_rounds, timeout, train_config, evaluate_config, evaluate_fn)
+              evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None,
+              resume: dict[str, Any] | None = None, hooks: RoundHooks | None = None) -> Result:
+        """The inner strategy's ``start`` (fedtune's loop) driving this wrapper; ``resume``
+        also restores the released rounds (``resume["privacy"]``)."""
+        if resume is not None:
+            self.load_state_dict(resume["privacy"])
+        return self.inner.start(grid, initial_arrays, num_rounds, timeout, train_config, evaluate_config,
+                                evaluate_fn, resume=resume, hooks=hooks, driver=self)
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
@@ -237,6 +240,16 @@ class ClientLevelDP(Strategy):
         finally:
             np.random.set_state(state)
 
+
+    # ------------------------------------------------------------------ checkpoint state
+    def state_dict(self) -> dict[str, Any]:
+        """Beyond the inner strategy, ε depends on the rounds released; a round's noise is
+        seeded from the round, or drawn from NumPy's global state, which the checkpoint holds."""
+        return {"released": list(self.released), "withheld": list(self.withheld)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        check_state_keys(state, self.state_dict(), type(self).__name__)
+        self.released, self.withheld = [int(r) for r in state["released"]], [int(r) for r in state["withheld"]]
 
 def update_norm(record: ArrayRecord, reference: dict[str, torch.Tensor]) -> float:
     """L2 norm of ``record − reference`` over all arrays (fp64), as Flower's clipping measures it."""

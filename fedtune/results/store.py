@@ -8,7 +8,8 @@ Layout of a run directory::
     ledger.csv       one row per message: round, partition, direction, kind, wire/payload bytes
     summary.json     status "running" at the start, rewritten last: status, final and initial
                      accuracy, totals, versions
-    checkpoint.pt    the server state after the last completed round (fedtune run resume=RUN_DIR)
+    checkpoint.json  the server state after the last completed round (fedtune run resume=RUN_DIR),
+                     its tensors in checkpoint-<sha256[:16]>.safetensors (fedtune.results.checkpoint)
     adapter/         the final trainable state in peft format (PeftModel.from_pretrained)
 
 Every file is written to a temporary sibling and ``os.replace``-d into place.

@@ -1,0 +1,106 @@
+"""The ServerApp's end-of-round hook: what a run writes and does after each round.
+
+:class:`RunRecorder` is the :class:`~fedtune.flower.round_loop.RoundHooks` of a fedtune
+run.  After round t's aggregation and central evaluation (``evaluate_fn`` only
+evaluates) it
+
+1. brings the server's copy of the DP accountant histories up to date
+   (:mod:`fedtune.privacy.histories`, example-level DP only);
+2. appends round t's row to ``metrics.csv`` and prints one progress line;
+3. writes the checkpoint (:mod:`fedtune.results.checkpoint`; not for round 0);
+4. under ``faults.server_kill_round = t``, dies as a killed process does (SIGKILL), so
+   ``fedtune run resume=RUN_DIR`` can be tested against the uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import time
+from typing import Any
+
+from flwr.app import Message
+
+from fedtune.flower.round_loop import RoundEnd, RoundHooks
+from fedtune.privacy.histories import AccountantHistories
+from fedtune.results.checkpoint import save_checkpoint
+from fedtune.results.store import RunStore
+
+
+def _mb(n: float) -> str:
+    return f"{n / 1e6:.2f} MB" if n >= 1e5 else f"{n / 1e3:.1f} kB"
+
+
+def _cell(value: float) -> str:
+    """A metrics.csv cell: 6 decimals, empty for NaN (not measured)."""
+    return "" if math.isnan(value) else f"{value:.6f}"
+
+
+class RunRecorder(RoundHooks):
+    """Metrics row, progress line, checkpoint and fault kill after every round (module doc).
+
+    Parameters
+    ----------
+    cfg, store, strategy : the run's config, its directory, the method's strategy.
+    privacy : what else the checkpoint must hold, an object with ``state_dict()`` (the
+        DP histories, or the client-level DP wrapper), or ``None``.
+    t_start : ``time.perf_counter()`` at the run's start (earlier for a resumed run).
+    """
+
+    def __init__(self, cfg: Any, store: RunStore, strategy: Any, privacy: Any = None,
+                 t_start: float | None = None) -> None:
+        self.cfg, self.store, self.strategy, self.privacy = cfg, store, strategy, privacy
+        self.t_start = time.perf_counter() if t_start is None else t_start
+        self.last = time.perf_counter()
+
+    def before_send(self, server_round: int, messages: list[Message]) -> list[Message]:
+        if isinstance(self.privacy, AccountantHistories):
+            return self.privacy.give_back(messages, self.strategy.partition_of_node)
+        return messages
+
+    def round_end(self, end: RoundEnd) -> None:
+        if isinstance(self.privacy, AccountantHistories):
+            self.privacy.observe(end.replies, self.strategy.partition_of_node)
+        self.record(end)
+        cfg, server_round = self.cfg, end.server_round
+        if server_round > 0:
+            save_checkpoint(self.store.dir, server_round, self.strategy.state_dict(), cfg.to_dict(),
+                            self.privacy.state_dict() if self.privacy is not None else None)
+        if server_round and server_round == cfg.faults.server_kill_round:  # fault injection: die as a killed process does
+            print(f"fedtune: faults.server_kill_round={server_round}: killing the server", flush=True)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    def record(self, end: RoundEnd) -> None:
+        """Round ``end.server_round``'s row in ``metrics.csv`` and its progress line."""
+        cfg, strategy, server_round = self.cfg, self.strategy, end.server_round
+        values = dict(end.evaluation) if end.evaluation is not None else {}
+        loss, acc = (float(values.get(k, math.nan)) for k in ("eval-loss", "eval-accuracy"))
+        h_loss, h_acc = (float(values.get(k, math.nan)) for k in ("heldout-loss", "heldout-accuracy"))
+        now = time.perf_counter()
+        info = strategy.rounds.get(server_round)
+        totals = strategy.ledger.round_totals(server_round)
+        row = {"round": server_round, "strategy": cfg.strategy.name,
+               "sampled_clients": ";".join(map(str, info.sampled)) if info else "",
+               "num_replies": len(info.received) if info else 0, "num_failures": len(info.failures) if info else 0,
+               "failed_clients": ";".join(map(str, sorted(info.failures))) if info else "",
+               "train_loss": f"{info.train_loss:.6f}" if info else "", "eval_loss": f"{loss:.6f}",
+               "eval_accuracy": f"{acc:.6f}", **totals,
+               "cumulative_bytes": strategy.ledger.cumulative_bytes(server_round),
+               "aggregate_seconds": f"{info.aggregate_seconds:.4f}" if info else "0",
+               "round_seconds": f"{now - self.last:.3f}", "wall_seconds": f"{now - self.t_start:.3f}",
+               "epsilon": _cell(info.epsilon if info else math.nan), "heldout_loss": _cell(h_loss),
+               "heldout_accuracy": _cell(h_acc)}
+        self.last = now
+        self.store.add_round(row)
+        first = self.store.rows[0]["eval_accuracy"]
+        fails = f", {row['num_failures']} failed" if row["num_failures"] else ""
+        if info and info.failures:  # name them: in deployment a failure is a participant to look at
+            fails += " (client " + ", ".join(map(str, sorted(info.failures))) + ")"
+        if row["epsilon"]:
+            spent = f", {len(info.budget_spent)} out of budget" if info and info.budget_spent else ""
+            fails += f"  eps {float(row['epsilon']):.3g}{spent}"
+        print(f"[round {server_round:>3}/{cfg.num_rounds}] acc {acc:.4f} (round 0: {float(first):.4f})  "
+              f"eval loss {loss:.4f}  clients {row['num_replies']}/{len(info.sampled) if info else 0}{fails}  "
+              f"up {_mb(totals['bytes_up'])} down {_mb(totals['bytes_down'])}  "
+              f"total {_mb(row['cumulative_bytes'])}  {now - self.t_start:.1f}s", flush=True)
