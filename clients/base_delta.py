@@ -21,7 +21,7 @@ import math
 
 import torch
 
-from fedtune.config import RunConfig
+from fedtune.config.run import RunConfig
 from fedtune.errors import PayloadError
 from fedtune.models.state import check_arrays
 from fedtune.randomness import torch_generator

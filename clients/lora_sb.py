@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from fedtune.config import RunConfig
+from fedtune.config.run import RunConfig
 from fedtune.models.lora_sb import LoRASBModel, adapters_disabled, full_weight_gradients, set_bases
 from fedtune.randomness import seed_torch, torch_generator
 from fedtune.registry import TRAINERS

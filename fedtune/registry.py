@@ -66,6 +66,7 @@ METHODS: Registry[MethodSpec] = Registry("strategy", "strategy.name")
 TRAINERS: Registry[Callable[..., Any]] = Registry("client trainer", "trainer")
 MODELS: Registry[Callable[..., Any]] = Registry("model", "model.name")
 DATASETS: Registry[Callable[..., Any]] = Registry("dataset", "dataset.name")
+PRIVACY: Registry[Any] = Registry("privacy option", "privacy.name")  # fedtune.privacy.options.PrivacySpec
 
 
 def register_method(name: str, strategy_cls: type, trainer: str, config_cls: type) -> MethodSpec:
@@ -77,10 +78,12 @@ _LOADED = False
 
 
 def load_plugins() -> None:
-    """Import the built-in strategies, trainers, models and datasets so they register."""
+    """Import the built-in strategies, trainers, models, datasets and privacy options so they register."""
     global _LOADED
     if _LOADED:
         return
     _LOADED = True
-    for module in ("fedtune.models.zoo", "fedtune.data.sources", "clients", "strategies"):
+    for module in ("fedtune.models.zoo", "fedtune.models.causal_lm", "fedtune.data.sources", "fedtune.data.instruct",
+                   "fedtune.privacy.options", "fedtune.privacy.dp_sgd", "fedtune.privacy.client_level",
+                   "clients", "strategies"):
         importlib.import_module(module)

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from fedtune.data.chat_encoding import encode_instruct
 from fedtune.data.sources import DatasetSpec, PackagedDatasetConfig, Split, TextDataset, load_bbc_news
 from fedtune.registry import DATASETS
 
@@ -108,11 +109,5 @@ def load_bbc_instruct(cfg: BBCInstructConfig) -> InstructDataset:
                            heldout_label=names.index(cfg.heldout) if cfg.heldout else -1, template=template)
 
 
-def _encode(tokenizer, data, split, max_length):  # type: ignore[no-untyped-def]
-    from fedtune.data.chat_encoding import encode_instruct
-
-    return encode_instruct(tokenizer, data, split, max_length)
-
-
-DATASETS.register("bbc_instruct", DatasetSpec(load_bbc_instruct, BBCInstructConfig, encode=_encode,
+DATASETS.register("bbc_instruct", DatasetSpec(load_bbc_instruct, BBCInstructConfig, encode=encode_instruct,
                                               kind="instruction"))

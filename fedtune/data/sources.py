@@ -190,5 +190,3 @@ DATASETS.register("bbc_news", DatasetSpec(load_bbc_news, PackagedDatasetConfig))
 DATASETS.register("rotten_tomatoes", DatasetSpec(load_rotten_tomatoes, PackagedDatasetConfig))
 DATASETS.register("tiny", DatasetSpec(load_tiny, CSVDatasetConfig))
 DATASETS.register("csv", DatasetSpec(load_csv, CSVDatasetConfig))
-
-from fedtune.data import instruct  # noqa: E402,F401  (registers "bbc_instruct")

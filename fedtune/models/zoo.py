@@ -164,5 +164,3 @@ def build_minilm(cfg: MiniLMConfig, num_labels: int, seed: int) -> Any:
 
 MODELS.register("tiny", ModelSpec(build_tiny, TinyModelConfig))
 MODELS.register("minilm", ModelSpec(build_minilm, MiniLMConfig))
-
-from fedtune.models import causal_lm  # noqa: E402,F401  (registers "smollm2")

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from fedtune.errors import ConfigError
+from fedtune.registry import METHODS
 
 HISTORY_KEY = "dp/history"  # TrainContext.state key of the accountant's (σ, q, steps) rows
 
@@ -35,17 +36,7 @@ UNSUPPORTED = {
 
 
 def check_supported(cfg: Any) -> None:
-    """Refuse ``privacy=dp_sgd`` with a method whose client is not first-order (and
-    ``privacy=client_dp`` where :func:`fedtune.privacy.client_level.check_supported` says so)."""
-    if cfg.privacy.name == "none":
-        return
-    if cfg.privacy.name == "client_dp":
-        from fedtune.privacy.client_level import check_supported as check_client_level
-
-        check_client_level(cfg)
-        return
-    from fedtune.registry import METHODS
-
+    """Refuse ``privacy=dp_sgd`` with a method whose client is not first-order."""
     trainer = METHODS.get(cfg.strategy.name).trainer
     if trainer in UNSUPPORTED:
         raise ConfigError(f"privacy: {cfg.privacy.name} is not supported with strategy={cfg.strategy.name}: "

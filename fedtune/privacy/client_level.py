@@ -49,12 +49,12 @@ from flwr.serverapp.strategy import (DifferentialPrivacyClientSideFixedClipping,
                                      DifferentialPrivacyServerSideFixedClipping, Result, Strategy)
 
 from fedtune.comm.metered_grid import MeteredGrid
-from fedtune.config import CLIPPING_SIDES, ClientDPConfig
 from fedtune.errors import ConfigError
 from fedtune.flower.strategy import FedtuneStrategy, RoundInfo
 from fedtune.privacy.accounting import epsilon
+from fedtune.privacy.options import CLIPPING_SIDES, ClientDPConfig, PrivacySpec
 from fedtune.randomness import derive_seed
-from fedtune.schema import build
+from fedtune.registry import PRIVACY
 
 # strategy -> what its global state is: a uniform mean of exactly the uploaded payload
 ALLOWED = {"fedavg_lora": "A, B and head", "ffa_lora": "B and head", "fed_sb": "r×r cores and head"}
@@ -71,20 +71,10 @@ REFUSED = {
     "ferret": "clients upload per-client adaptive numbers of (seed, block) coordinates and are sent "
               "accumulated coefficients, so 'reply − global' is no model update to clip",
 }
-DP_SGD_FIELDS = ("max_grad_norm", "target_epsilon", "planned_rounds", "sampling", "grad_sample_mode", "accountant")
 NOT_COVERED = "the clients' train-loss metrics (Flower's wrappers protect the arrays only)"
 
 
 # ----------------------------------------------------------------------------- config
-def build_section(raw: dict[str, Any]) -> ClientDPConfig:
-    """The ``privacy`` section for ``name: client_dp``; DP-SGD's fields are refused by name."""
-    mixed = sorted(set(raw) & set(DP_SGD_FIELDS))
-    if mixed:
-        raise ConfigError(f"privacy.{mixed[0]} belongs to privacy=dp_sgd: client_dp cannot be combined with "
-                          "example-level DP-SGD (one privacy mechanism per run; their composition is not implemented)")
-    return build(ClientDPConfig, raw, "privacy")
-
-
 def check_supported(cfg: Any) -> None:
     """Refuse a method whose aggregate is not a uniform mean of its upload, and δ ≥ 1/num_clients."""
     name = cfg.strategy.name
@@ -294,3 +284,6 @@ def clip_on_client(cfg: Any, msg: Message, context: Context,
     if cfg.privacy.name == "client_dp" and cfg.privacy.clipping == "client":
         return fixedclipping_mod(msg, context, call_next)
     return call_next(msg, context)
+
+
+PRIVACY.register("client_dp", PrivacySpec(ClientDPConfig, check=check_supported))
