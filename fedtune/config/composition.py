@@ -130,17 +130,20 @@ def unknown_key_line(key: str, overrides: list[str]) -> str:
     return f"{key}: cannot be overridden"
 
 
-def _typed_value_line(exc: BaseException, overrides: list[str]) -> str | None:
-    """OmegaConf's type error (``Value '1.5' ... could not be converted to Integer``) in
-    :mod:`fedtune.schema`'s words (``seed must be an integer, got 1.5``)."""
-    from omegaconf.errors import ValidationError
+def _schema_line(exc: BaseException, overrides: list[str]) -> str | None:
+    """OmegaConf's schema errors in :mod:`fedtune.schema`'s words: a type error
+    (``Value '1.5' ... could not be converted to Integer`` → ``seed must be an integer,
+    got 1.5``) or a YAML key the dataclass lacks (``Key 'nope' not in 'TinyModelConfig'``)."""
+    from omegaconf.errors import ConfigKeyError, ValidationError
 
-    for err in (exc, exc.__cause__):
-        if not isinstance(err, ValidationError):
-            continue
+    for err in (exc, exc.__cause__, exc.__context__):  # Hydra re-raises a YAML file's error without a cause
         cls, key = getattr(err, "object_type", None), getattr(err, "key", None)
         full_key = getattr(err, "full_key", None)
-        if cls is not None and dataclasses.is_dataclass(cls) and isinstance(key, str) and full_key:
+        if not (cls is not None and dataclasses.is_dataclass(cls) and isinstance(key, str) and full_key):
+            continue
+        if isinstance(err, ConfigKeyError):
+            return unknown_field(cls, key, str(full_key).rpartition(".")[0])
+        if isinstance(err, ValidationError):
             deeper = [k for k in map(_key_of, overrides) if k.startswith(f"{full_key}.")]
             if deeper:  # seed.x=1: a sub-key of a value
                 return f"{full_key} has no fields (it is a value); cannot set {deeper[0]}"
@@ -158,7 +161,7 @@ def error_line(exc: BaseException, overrides: list[str]) -> str:
     if isinstance(override, str):
         detail = [line for line in lines if not line.startswith(("Error parsing override", "See https://"))]
         return f"cannot parse the override {override!r}: {detail[0] if detail else first}"
-    if line := _typed_value_line(exc, overrides):
+    if line := _schema_line(exc, overrides):
         return line
     cause = exc.__cause__
     if cause is not None and str(cause).strip():
