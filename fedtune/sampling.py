@@ -4,6 +4,9 @@ Flower's ``sample_nodes`` draws random node ids, which change from run to run an
 between simulation and deployment.  fedtune instead samples *partition ids* from the
 run's seeded stream ``("sampling", round)`` over the sorted ids, so the same seed
 trains the same clients in every round, in simulation and across real machines.
+Nodes that cannot name their partition (plain Flower ClientApps, no roll-call handler)
+are numbered by their rank among the sorted node ids (:mod:`fedtune.flower.nodes`), so
+the same stream samples over sorted node ids: reproducible only for the same node ids.
 """
 
 from __future__ import annotations

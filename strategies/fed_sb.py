@@ -126,6 +126,11 @@ class FedSB(FedtuneStrategy):
     """Fed-SB: one-time gradient → SVD → (B, A) broadcast, then exact averaging of R."""
 
     name = "fed_sb"
+    client_app_needs = (
+        f"a '{SETUP}' handler that answers an empty ArrayRecord with its mean full-weight gradients "
+        f"('<module>{GRAD_SUFFIX}') and 'num-examples', then keeps the bases '<module>.sb_B'/'<module>.sb_A' "
+        "of the second such message in Context.state and trains the cores R on them in every round",
+    )
 
     config: FedSBConfig
 
@@ -172,7 +177,7 @@ class FedSB(FedtuneStrategy):
             config = ConfigRecord({"server-round": server_round, "method": self.name})
             content = RecordDict({"arrays": ArrayRecord(arrays), "config": config})
             messages.append(Message(content, dst_node_id=self.node_of[pid], message_type=SETUP))
-        return list(grid.send_and_receive(messages, timeout=self.rollcall_timeout))
+        return self.require_handlers(list(grid.send_and_receive(messages, timeout=self.rollcall_timeout)), SETUP)
 
     def _gradient_updates(self, replies: list[Message]) -> list[ClientUpdate]:
         """Decoded gradient replies, sorted by partition id; all must share keys and shapes."""

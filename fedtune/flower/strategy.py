@@ -2,15 +2,18 @@
 
 It does the messaging once for all methods, so a method only writes its maths:
 
-* **roll-call** (first round): a ``query.rollcall`` message to every node; each replies
-  with its ``partition-id`` (in ``fedtune run``'s simulation the engine's own node map,
-  :attr:`roster`, replaces the messages).  Clients are then *sampled by partition id*
-  from the run's seeded stream (:mod:`fedtune.sampling`), not by Flower's random node
-  ids, so a seed picks the same clients in simulation and in deployment.
+* **node discovery** (first round, :mod:`fedtune.flower.nodes`): the engine's node map
+  (:attr:`roster`, in ``fedtune run``'s simulation), else a ``query.rollcall`` message to
+  every node, each replying with its ``partition-id``; a plain Flower ClientApp that has
+  no roll-call handler gets its rank among the sorted node ids.  Clients are then
+  *sampled by partition id* from the run's seeded stream (:mod:`fedtune.sampling`), not
+  by Flower's random node ids, so a seed picks the same clients in simulation and in
+  deployment.
 * **train**: each sampled client gets ``{"arrays": downlink(round, pid), "config":
-  {"server-round", "method"}}``; replies are decoded, validated (keys, shapes, dtype,
-  finite values) and handed to :meth:`aggregate` sorted by partition id, so the sums
-  are deterministic.  A failed or malformed reply is logged and left out.
+  {"server-round", "method"}}``; replies (``{"arrays", "metrics": {"num-examples", ...}}``,
+  as for Flower's ``FedAvg``) are decoded and validated (:mod:`fedtune.flower.replies`)
+  and handed to :meth:`aggregate` sorted by partition id, so the sums are deterministic.
+  A failed or malformed reply is logged and left out.
 * **evaluate**: none on clients; the ServerApp evaluates the global model centrally
   through ``evaluate_fn``.
 * **metering**: :meth:`start` wraps the grid in a :class:`MeteredGrid`, so every
@@ -25,11 +28,9 @@ Subclasses implement :meth:`aggregate` (pure tensor maths) and may override
 
 from __future__ import annotations
 
-import re
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from logging import INFO, WARNING
 from typing import Any
 
@@ -41,45 +42,16 @@ from flwr.serverapp.strategy import Result, Strategy
 
 from fedtune.comm.ledger import Ledger
 from fedtune.comm.metered_grid import MeteredGrid
-from fedtune.errors import PayloadError
+from fedtune.config.method import MethodConfig
+from fedtune.flower.nodes import ROLLCALL, discover_nodes, lacks_handler
+from fedtune.flower.replies import Arrays, ClientUpdate, RoundInfo, decode_replies, missing_replies, weights_for
 from fedtune.flower.round_loop import run_rounds
-from fedtune.models.state import check_arrays, load_trainable_state
+from fedtune.models.state import load_trainable_state
 from fedtune.registry import METHODS
 from fedtune.runtime.roster import SimulationRoster
 from fedtune.sampling import sample_partitions
 
-ROLLCALL = "query.rollcall"
-Arrays = dict[str, torch.Tensor]
-
-
-@dataclass
-class ClientUpdate:
-    """One client's decoded, validated reply."""
-
-    partition_id: int
-    num_examples: int
-    arrays: Arrays
-    metrics: dict[str, float]
-
-
-@dataclass
-class RoundInfo:
-    """What happened in one round (read by the ServerApp for ``metrics.csv``)."""
-
-    sampled: list[int] = field(default_factory=list)
-    received: list[int] = field(default_factory=list)
-    failures: dict[int, str] = field(default_factory=dict)
-    train_loss: float = float("nan")
-    aggregate_seconds: float = 0.0
-    budget_spent: list[int] = field(default_factory=list)  # DP: replied, but their privacy budget is spent
-    epsilon: float = float("nan")  # DP: max ε over all clients so far (NaN without privacy)
-
-
-def weights_for(updates: list[ClientUpdate], weighting: str) -> list[float]:
-    """Normalised aggregation weights ``p_k``: by example count (FedAvg) or uniform."""
-    raw = [float(u.num_examples) if weighting == "examples" else 1.0 for u in updates]
-    total = sum(raw)
-    return [w / total for w in raw]
+__all__ = ["Arrays", "ClientUpdate", "FedtuneStrategy", "ROLLCALL", "RoundInfo", "weights_for"]
 
 
 class FedtuneStrategy(Strategy):
@@ -92,16 +64,25 @@ class FedtuneStrategy(Strategy):
     seed : the run seed (sampling stream).
     min_replies : a round with fewer valid replies keeps the previous global state.
     rollcall_timeout : seconds to wait for all nodes to connect.
-    config : the method's config dataclass (the ``config_cls`` it is registered with);
-        ``None`` = its defaults.  Kept as :attr:`config`; ``config.weighting`` gives p_k.
+    config : the method's config dataclass (the ``config_cls`` it is registered with;
+        :class:`~fedtune.config.method.MethodConfig` for an unregistered strategy), ``None``
+        = its defaults.  Kept as :attr:`config`; ``config.weighting`` gives p_k.
+
+    Class attribute :attr:`client_app_needs` declares what a method needs from each
+    ClientApp beyond a ``train`` handler that replies ``{"arrays", "metrics":
+    {"num-examples"}}`` (e.g. a ``train.setup`` handler, client-side state kept across
+    rounds); each entry completes "each ClientApp must provide ...".  A method that
+    declares none runs against any Flower ClientApp; one that declares some is refused,
+    with these words, when the nodes turn out to be plain ClientApps (no roll-call).
     """
 
     name = "base"
+    client_app_needs: tuple[str, ...] = ()
     transient = frozenset({"_grid", "node_of", "partition_of_node", "_resuming", "roster"})  # never checkpointed
 
     def __init__(self, *, num_clients: int, clients_per_round: int, seed: int = 0, min_replies: int = 1,
                  rollcall_timeout: float = 300.0, config: Any = None) -> None:
-        config_cls = METHODS.get(self.name).config_cls
+        config_cls = METHODS.get(self.name).config_cls if self.name in METHODS.names() else MethodConfig
         if config is not None and not isinstance(config, config_cls):
             raise TypeError(f"{type(self).__name__}: config must be a {config_cls.__name__}, "
                             f"got {type(config).__name__}")
@@ -140,12 +121,23 @@ class FedtuneStrategy(Strategy):
 
         Runs right after the roll-call.  Send messages of type ``"train.setup"`` through
         ``grid.send_and_receive`` (they reach the trainer's ``setup`` method and are
-        metered as ``one_time`` traffic), e.g. Fed-SB's initial gradients and bases.
+        metered as ``one_time`` traffic), e.g. Fed-SB's initial gradients and bases, and
+        pass the replies through :meth:`require_handlers`, so that a ClientApp without the
+        handler is refused with what it must provide (:attr:`client_app_needs`).
         """
 
     def resync(self, grid: Grid, server_round: int) -> None:
         """After a resume, give clients again what :meth:`setup` gave them once (default:
         nothing; Fed-SB re-sends its bases).  Metered as ``resume`` traffic."""
+
+    def require_handlers(self, replies: list[Message], message_type: str) -> list[Message]:
+        """``replies`` unchanged, unless a node has no ``message_type`` handler (a plain
+        ClientApp): then a ``RuntimeError`` that says what each ClientApp must provide."""
+        lacking = [r.metadata.src_node_id for r in replies if lacks_handler(r, message_type)]
+        if lacking:
+            raise RuntimeError(self._needs_error(f"{len(lacking)} of {len(replies)} nodes have no "
+                                                 f"'{message_type}' handler"))
+        return replies
 
     def checkpoint_state(self) -> dict[str, Any]:
         """Everything this strategy holds, but the run's node ids (a new run has new ones).
@@ -257,7 +249,7 @@ class FedtuneStrategy(Strategy):
         unattributed: list[str] = []
         updates = sorted(self._decode(replies, info, unattributed), key=lambda u: u.partition_id)
         info.received = [u.partition_id for u in updates]
-        self._missing_replies(info, unattributed)
+        missing_replies(info, unattributed)
         if self.client_epsilon:
             info.epsilon = max(self.client_epsilon.values())
         if len(updates) < self.min_replies:
@@ -285,99 +277,25 @@ class FedtuneStrategy(Strategy):
         return self.partition_of_node.get(node_id, -1)
 
     def _rollcall(self, grid: Grid) -> None:
-        """Learn which node serves which partition.
-
-        From the simulation engine's own map when :attr:`roster` holds one (no messages);
-        otherwise by asking every node (counted as "control" traffic).
-        """
-        if self.roster is not None and (engine_map := self.roster.wait(self.rollcall_timeout)) is not None:
-            self._learn_nodes(engine_map.items(), source="the simulation engine")
-            return
-        deadline = time.monotonic() + self.rollcall_timeout
-        while len(nodes := sorted(grid.get_node_ids())) < self.num_clients:
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"only {len(nodes)} of {self.num_clients} nodes connected "
-                                   f"within {self.rollcall_timeout:.0f} s")
-            time.sleep(0.2)
-        queries = [Message(RecordDict({"config": ConfigRecord({"rollcall": 1})}), dst_node_id=n,
-                           message_type=ROLLCALL) for n in nodes]
-        answers = []
-        for reply in grid.send_and_receive(queries, timeout=self.rollcall_timeout):
-            if reply.has_error():
-                raise RuntimeError(f"node {reply.metadata.src_node_id} failed the roll-call: {reply.error.reason}")
-            answers.append((reply.metadata.src_node_id, int(reply.content["metrics"]["partition-id"])))
-        self._learn_nodes(answers, source="the roll-call")
-
-    def _learn_nodes(self, node_partitions: Iterable[tuple[int, int]], source: str) -> None:
-        """Record ``(node id, partition id)`` pairs: one node per partition, all present."""
-        for node, pid in node_partitions:
-            if pid in self.node_of or not 0 <= pid < self.num_clients:
-                raise RuntimeError(f"node {node} reports partition-id {pid}, "
-                                   f"which is duplicated or outside [0, {self.num_clients})")
-            self.node_of[pid] = node
-            self.partition_of_node[node] = pid
+        """Learn which node serves which partition (:func:`~fedtune.flower.nodes.discover_nodes`;
+        its messages are counted as "control" traffic)."""
+        nodes = discover_nodes(grid, self.num_clients, self.rollcall_timeout, self.roster)
+        if nodes.by_rank and self.client_app_needs:
+            raise RuntimeError(self._needs_error(f"its nodes do not answer '{ROLLCALL}'"))
+        self.node_of, self.partition_of_node = dict(nodes.node_of), nodes.partition_of_node
         self.ledger.attribute(self.partition_of_node)
-        if len(self.node_of) < self.num_clients:
-            missing = sorted(set(range(self.num_clients)) - set(self.node_of))
-            raise RuntimeError(f"{source} names no node for partitions {missing[:10]} "
-                               f"({len(self.node_of)} of {self.num_clients} known)")
 
-    def _budget_spent(self, pid: int, reply: Message, info: RoundInfo) -> bool:
-        """Record a DP client's ε; True when it sent nothing because its budget is spent
-        (no contribution: neither an update nor a failure)."""
-        metrics = reply.content["metrics"] if "metrics" in reply.content else {}
-        if "dp-epsilon" in metrics:
-            self.client_epsilon[pid] = float(metrics["dp-epsilon"])
-        if not metrics.get("dp-budget-spent"):
-            return False
-        info.budget_spent.append(pid)
-        log(INFO, "client %d: privacy budget spent (epsilon %.4g); no contribution", pid,
-            self.client_epsilon.get(pid, float("nan")))
-        return True
-
-    def _missing_replies(self, info: RoundInfo, unattributed: list[str]) -> None:
-        """Count a sampled client that never answered as failed (deployment: its node vanished,
-        or the round timed out); the SuperLink's own error replies name no client, so their
-        reason is attached to the missing ones."""
-        answered = set(info.received) | set(info.failures) | set(info.budget_spent)
-        reason = unattributed[0] if unattributed else "no reply within federation.round_timeout"
-        for pid in info.sampled:
-            if pid not in answered:
-                info.failures[pid] = reason
-                log(WARNING, "client %d failed: %s", pid, reason)
+    def _needs_error(self, why: str) -> str:
+        needs = "; ".join(self.client_app_needs) or "the handlers of fedtune's ClientApp"
+        return (f"{type(self).__name__} cannot drive this ClientApp ({why}): each ClientApp must provide "
+                f"{needs}; and a '{ROLLCALL}' query handler replying MetricRecord({{'partition-id': i}}) "
+                f"(fedtune's own ClientApp, fedtune.flower.client_app, has all)")
 
     def _decode(self, replies: Iterable[Message], info: RoundInfo,
                 unattributed: list[str] | None = None) -> Iterable[ClientUpdate]:
-        """Valid updates; every other reply is recorded in ``info.failures`` with its reason.
-
-        Whatever a client sends (missing records, wrong record types, wrong keys, shapes or
-        dtypes, NaN/Inf, a bad ``num-examples``) rejects that reply only, never the round.
-        """
-        for reply in replies:
-            pid = self._partition(reply.metadata.src_node_id)
-            if reply.has_error() and pid < 0 and unattributed is not None:  # from the SuperLink, not a node
-                unattributed.append(_last_line(reply.error.reason))
-                continue
-            if reply.has_error():
-                info.failures[pid] = _last_line(reply.error.reason)
-                log(WARNING, "client %d failed: %s", pid, info.failures[pid])
-                continue
-            try:
-                if self._budget_spent(pid, reply, info):
-                    continue
-                content = reply.content
-                arrays = content["arrays"].to_torch_state_dict() if "arrays" in content else {}
-                check_arrays(arrays, self.expected_upload(pid), self.expected_dtypes(pid))
-                if problem := self.payload_problem(pid, arrays):
-                    raise PayloadError(problem)
-                metrics = dict(content["metrics"])
-                num_examples = _num_examples(metrics["num-examples"])
-                scalars = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
-            except (PayloadError, KeyError, TypeError, ValueError, AttributeError, OverflowError) as exc:
-                info.failures[pid] = f"rejected payload: {exc}"
-                log(WARNING, "client %d: %s", pid, info.failures[pid])
-                continue
-            yield ClientUpdate(pid, num_examples, arrays, scalars)
+        """Valid updates (:func:`~fedtune.flower.replies.decode_replies`); every other reply
+        is recorded in ``info.failures`` with its reason."""
+        return decode_replies(replies, info, self, self._partition, self.client_epsilon, unattributed)
 
 
 @contextmanager
@@ -391,22 +309,3 @@ def _metered_as(grid: Grid, kind: str) -> Iterator[None]:
         yield
     finally:
         grid.kind = previous
-
-
-def _last_line(reason: str) -> str:
-    """The informative end of an error reply's reason: Flower's simulation writes
-    ``<class ...>:<'traceback ... Exception ClientAppException occurred. Message: why'>``."""
-    lines = [line.strip() for line in str(reason).strip().splitlines() if line.strip()]
-    if not lines:
-        return "error reply without a reason"
-    line = lines[-1].removesuffix("'>")
-    line = re.sub(r"^Exception (\w+) occurred\. Message: ", r"\1: ", line)
-    return line[:200]
-
-
-def _num_examples(value: object) -> int:
-    """A client's ``num-examples`` as a positive int; :class:`PayloadError` otherwise."""
-    number = float(value)  # type: ignore[arg-type]  # a list or a string raises TypeError/ValueError
-    if not (number >= 1 and number.is_integer()):
-        raise PayloadError(f"num-examples must be an integer >= 1, got {value!r}")
-    return int(number)
