@@ -52,7 +52,7 @@ class LoRASBTrainer(LoRATrainer):
 
     def build_model(self, base: torch.nn.Module, cfg: RunConfig) -> torch.nn.Module:
         rank = cfg.strategy.rank
-        alpha = cfg.strategy.alpha if cfg.strategy.alpha is not None else float(rank)
+        alpha = cfg.strategy.lora_alpha  # FedSBConfig: alpha, or rank when null
         model = LoRASBModel(base, cfg.model.lora.target_modules, rank, alpha)  # A = B = R = 0: the base
         model.eval()
         return model

@@ -118,8 +118,13 @@ class FedSBConfig(MethodConfig):
             raise ValueError(f"svd: unknown {self.svd!r}; accepted: exact, lowrank")
 
     @property
+    def lora_alpha(self) -> float:
+        """The scale numerator both halves use: ``alpha``, or ``rank`` when it is null."""
+        return self.alpha if self.alpha is not None else float(self.rank)
+
+    @property
     def scale(self) -> float:
-        return (self.alpha if self.alpha is not None else self.rank) / self.rank
+        return self.lora_alpha / self.rank
 
 
 class FedSB(FedtuneStrategy):

@@ -50,7 +50,8 @@ class DPSGDConfig:
     (metrics.csv: epsilon).  Zeroth-order methods are refused (see the README).
 
     Give ``noise_multiplier`` (σ), or ``target_epsilon`` alone (σ calibrated per client
-    over ``planned_rounds`` × ``train.local_steps`` steps), or both (σ fixed, ``target_epsilon`` only the budget at which a client stops).  ``δ < 1/n``
+    over ``planned_rounds`` × ``train.local_steps`` steps), or both (σ fixed,
+    ``target_epsilon`` only the budget at which a client stops).  ``δ < 1/n``
     (n = the largest client's examples) is checked where n is known.  σ = 0 is accepted
     (ε = ∞: a diagnostic run that must equal the non-private one).
     """
@@ -61,7 +62,7 @@ class DPSGDConfig:
     delta: float = 1e-5  # must be < 1/n, n = examples of the largest client
     max_grad_norm: float = 1.0  # per-example clipping bound C
     accountant: str = "rdp"  # rdp | prv | gdp (Opacus)
-    planned_rounds: int | None = None  # rounds each client trains (sigma calibration); null = ceil(num_rounds·fraction)
+    planned_rounds: int | None = None  # rounds a client trains (sigma calibration); null = ceil(num_rounds·fraction)
     sampling: str = "poisson"  # poisson (what the accountant assumes) | shuffle (the non-private batches; diagnostics)
     grad_sample_mode: str = "hooks"  # hooks | functorch (both work with peft LoRA and LoRA-SB)
 
