@@ -5,7 +5,7 @@
     fedtune run resume=RUN_DIR [num_rounds=N]   continue a killed run from its checkpoint.pt
     fedtune run --help                   every config group and option
     fedtune plot RUN_DIR [RUN_DIR ...]   accuracy vs cumulative bytes, accuracy vs round (PNG)
-    fedtune list                         strategies, models and datasets
+    fedtune list                         strategies, models, datasets and privacy options
     fedtune deploy start|stop|certs ...  a local SuperLink + SuperNodes trial (see README "Run across machines")
 
 Bad input (unknown names, out-of-range values, missing data) prints one line naming
@@ -127,11 +127,12 @@ def _plot(argv: list[str]) -> None:
 
 
 def _list() -> None:
-    from fedtune.registry import DATASETS, METHODS, MODELS
+    from fedtune.registry import DATASETS, METHODS, MODELS, PRIVACY
 
     print("strategies:", ", ".join(METHODS.names()))
     print("models:    ", ", ".join(MODELS.names()))
     print("datasets:  ", ", ".join(DATASETS.names()))
+    print("privacy:   ", ", ".join(PRIVACY.names()))
 
 
 def main(argv: list[str] | None = None) -> None:
