@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from fedtune.config import RunConfig
+from fedtune.config.run import RunConfig
 from fedtune.models.base_delta import fresh_adapter, load_non_lora, set_base, snapshot_base, split_deltas
 from fedtune.randomness import torch_generator
 from fedtune.registry import TRAINERS

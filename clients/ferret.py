@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from fedtune.config import RunConfig
+from fedtune.config.run import RunConfig
 from fedtune.directions import SeedDirections, directions_for
 from fedtune.randomness import seed_pool, torch_generator
 from fedtune.registry import TRAINERS

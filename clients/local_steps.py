@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from fedtune.config import RunConfig
+from fedtune.config.run import RunConfig
 from fedtune.data.batches import local_batches
 from fedtune.randomness import seed_torch, torch_generator
 from fedtune.trainer import TrainContext

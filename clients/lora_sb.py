@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from fedtune.config import RunConfig
+from fedtune.config.run import RunConfig
 from fedtune.models.lora_sb import LoRASBModel, adapters_disabled, full_weight_gradients, set_bases
 from fedtune.randomness import seed_torch, torch_generator
 from fedtune.registry import TRAINERS
@@ -52,7 +52,7 @@ class LoRASBTrainer(LoRATrainer):
 
     def build_model(self, base: torch.nn.Module, cfg: RunConfig) -> torch.nn.Module:
         rank = cfg.strategy.rank
-        alpha = cfg.strategy.alpha if cfg.strategy.alpha is not None else float(rank)
+        alpha = cfg.strategy.lora_alpha  # FedSBConfig: alpha, or rank when null
         model = LoRASBModel(base, cfg.model.lora.target_modules, rank, alpha)  # A = B = R = 0: the base
         model.eval()
         return model

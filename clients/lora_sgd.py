@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from fedtune.config import RunConfig
+from fedtune.config.run import RunConfig
 from fedtune.models.causal_lm import is_causal_lm
 from fedtune.models.state import load_trainable_state, trainable_state
 from fedtune.randomness import seed_torch

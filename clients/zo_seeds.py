@@ -25,7 +25,7 @@ from typing import Any, Callable
 
 import torch
 
-from fedtune.config import RunConfig
+from fedtune.config.run import RunConfig
 from fedtune.data.batches import local_batches
 from fedtune.directions import SeedDirections, directions_for
 from fedtune.randomness import seed_pool, torch_generator

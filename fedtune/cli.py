@@ -5,7 +5,7 @@
     fedtune run resume=RUN_DIR [num_rounds=N]   continue a killed run from its checkpoint
     fedtune run --help                   every config group and option
     fedtune plot RUN_DIR [RUN_DIR ...]   accuracy vs cumulative bytes, accuracy vs round (PNG)
-    fedtune list                         strategies, models and datasets
+    fedtune list                         strategies, models, datasets and privacy options
     fedtune deploy start|stop|certs ...  a local SuperLink + SuperNodes trial (see README "Run across machines")
 
 Bad input (unknown names, out-of-range values, missing data) prints one line naming
@@ -18,7 +18,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from fedtune.config import check_group_choices, compose, search_overrides
+from fedtune.config.composition import check_group_choices, compose
 from fedtune.errors import ConfigError
 
 USAGE = __doc__
@@ -37,14 +37,13 @@ def _remove_if_empty(path: Path) -> None:
 
 
 def _hydra_entry() -> None:
-    import hydra
     from omegaconf import DictConfig, OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
-    from fedtune.config import CONFIG_DIR, from_dict
-    from fedtune.hydra_errors import error_line
+    from fedtune.config.composition import error_line, hydra_main
+    from fedtune.config.run import from_dict
 
-    @hydra.main(config_path=str(CONFIG_DIR), config_name="config", version_base=None)
+    @hydra_main
     def run(cfg: DictConfig) -> float:
         from hydra.core.hydra_config import HydraConfig
 
@@ -83,7 +82,7 @@ def _resume(args: list[str]) -> None:
     """``fedtune run resume=RUN_DIR [num_rounds=N]``: the run's own config.yaml, its checkpoint."""
     from omegaconf import OmegaConf
 
-    from fedtune.config import from_dict
+    from fedtune.config.run import from_dict
     from fedtune.flower.server_app import resume_point
 
     run_dir = Path(next(a for a in args if a.startswith("resume=")).partition("=")[2]).expanduser().resolve()
@@ -128,11 +127,12 @@ def _plot(argv: list[str]) -> None:
 
 
 def _list() -> None:
-    from fedtune.registry import DATASETS, METHODS, MODELS
+    from fedtune.registry import DATASETS, METHODS, MODELS, PRIVACY
 
     print("strategies:", ", ".join(METHODS.names()))
     print("models:    ", ", ".join(MODELS.names()))
     print("datasets:  ", ", ".join(DATASETS.names()))
+    print("privacy:   ", ", ".join(PRIVACY.names()))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -151,7 +151,7 @@ def main(argv: list[str] | None = None) -> None:
                 compose([arg for arg in rest if not arg.lstrip("+~").startswith("hydra")])
         except ConfigError as exc:
             _fail(str(exc))
-        sys.argv = ["fedtune run", *rest, *search_overrides()]  # methods that ship their own YAML
+        sys.argv = ["fedtune run", *rest]
         _hydra_entry()
     elif command == "plot":
         _plot(rest)

@@ -20,7 +20,6 @@ from __future__ import annotations
 import importlib
 import pkgutil
 from dataclasses import dataclass, field
-from pathlib import Path
 from types import ModuleType
 from typing import Any, Callable, Generic, TypeVar
 
@@ -75,8 +74,6 @@ class MethodSpec:
     export : the format of ``RUN_DIR/adapter`` and its loader.
     quick : Hydra overrides under which the method trains in seconds on ``model=tiny
         dataset=tiny`` (the contract tests and the smoke simulations use them).
-    config_dir : a directory holding ``strategy/<name>.yaml`` that Hydra searches after
-        fedtune's ``configs/`` (a method shipped outside fedtune); ``None`` for fedtune's own.
     """
 
     name: str
@@ -87,34 +84,28 @@ class MethodSpec:
     payload: Payload | None = None
     export: Export = field(default_factory=lambda: Export("not declared"))
     quick: tuple[str, ...] = ()
-    config_dir: Path | None = None
 
 
 METHODS: Registry[MethodSpec] = Registry("strategy", "strategy.name")
 TRAINERS: Registry[Callable[..., Any]] = Registry("client trainer", "trainer")
 MODELS: Registry[Callable[..., Any]] = Registry("model", "model.name")
 DATASETS: Registry[Callable[..., Any]] = Registry("dataset", "dataset.name")
+PRIVACY: Registry[Any] = Registry("privacy option", "privacy.name")  # fedtune.privacy.options.PrivacySpec
 
 
 def register_method(name: str, strategy_cls: type, trainer: str, config_cls: type, *,
                     capabilities: Capabilities | None = None, payload: Payload | None = None,
-                    export: Export | None = None, quick: tuple[str, ...] | list[str] = (),
-                    config_dir: str | Path | None = None) -> MethodSpec:
+                    export: Export | None = None, quick: tuple[str, ...] | list[str] = ()) -> MethodSpec:
     """Register a federated method (call at the bottom of its strategy module)."""
     spec = MethodSpec(name, strategy_cls, trainer, config_cls, capabilities or Capabilities(), payload,
-                      export or Export("not declared"), tuple(quick),
-                      Path(config_dir) if config_dir is not None else None)
+                      export or Export("not declared"), tuple(quick))
     return METHODS.register(name, spec)
-
-
-def config_dirs() -> list[Path]:
-    """The extra Hydra search directories that registered methods ship (``config_dir``)."""
-    return sorted({spec.config_dir for spec in METHODS.values() if spec.config_dir is not None})
 
 
 _LOADED = False
 _ENTRY_POINTS: set[str] = set()
-BUILTIN = ("fedtune.models.zoo", "fedtune.data.sources")
+BUILTIN = ("fedtune.models.zoo", "fedtune.models.causal_lm", "fedtune.data.sources", "fedtune.data.instruct",
+           "fedtune.privacy.options", "fedtune.privacy.dp_sgd", "fedtune.privacy.client_level")
 PACKAGES = ("clients", "strategies")
 
 
@@ -142,7 +133,7 @@ def load_entry_points() -> None:
 
 
 def load_plugins(rescan: bool = False) -> None:
-    """Import the built-in models, datasets, trainers and methods, then the entry points.
+    """Import the built-in models, datasets, privacy options, trainers and methods, then the entry points.
 
     ``rescan``: look for entry points again (a package installed after the first look-up).
     """

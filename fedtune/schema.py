@@ -1,7 +1,9 @@
 """Build validated dataclasses from plain dicts (composed Hydra configs).
 
-Why not OmegaConf structured configs alone: strategy sections differ per method and
-value checks (rank > 0, fraction in (0, 1]) must name the full field path.  Every
+The same dataclasses are Hydra's structured configs (OmegaConf checks types while it
+composes); this module validates the resolved plain dict again, for configs that do
+not come through Hydra (the JSON shipped to clients, a run directory's config.yaml),
+and words every error with the full field path.  Every
 config dataclass validates itself in ``__post_init__`` by raising ``ValueError``
 whose message starts with the field name; :func:`build` prefixes the path
 (``model.lora.rank must be > 0, got 0``) and rejects unknown keys.
@@ -30,9 +32,7 @@ def build(cls: type[T], data: Any, path: str) -> T:
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(data) - set(fields))
     if unknown:
-        raise ConfigError(
-            f"{_join(path, unknown[0])} is not a known field; accepted: {', '.join(sorted(fields))}"
-        )
+        raise ConfigError(unknown_field(cls, unknown[0], path))
     kwargs = {name: _coerce(hints[name], value, _join(path, name)) for name, value in data.items()}
     try:
         return cls(**kwargs)
@@ -40,6 +40,31 @@ def build(cls: type[T], data: Any, path: str) -> T:
         raise
     except (ValueError, TypeError) as exc:
         raise ConfigError(f"{_join(path, str(exc))}") from None
+
+
+def unknown_field(cls: type, key: str, path: str) -> str:
+    """``<path.key> is not a known field; accepted: ...``, or the reason the class gives
+    for refusing that field (its ``MISPLACED`` map, e.g. another option's field)."""
+    reason = getattr(cls, "MISPLACED", {}).get(key)
+    if reason:
+        return f"{_join(path, key)} {reason}"
+    accepted = sorted(f.name for f in dataclasses.fields(cls) if f.init)
+    return f"{_join(path, key)} is not a known field; accepted: {', '.join(accepted)}"
+
+
+def value_error(cls: type, key: str, value: Any, path: str) -> str | None:
+    """The line :func:`build` would give for ``cls.key = value`` at ``path`` (None: accepted).
+
+    Used to word the type errors OmegaConf raises while Hydra composes the same classes.
+    """
+    hints = get_type_hints(cls)
+    if key not in hints:
+        return None
+    try:
+        _coerce(hints[key], value, path)
+    except ConfigError as exc:
+        return str(exc)
+    return None
 
 
 def _join(path: str, name: str) -> str:

@@ -29,6 +29,7 @@ Bytes per client and round, each way: ``4·L·r²`` + head.  One-time: down
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from logging import WARNING
 from typing import Any
@@ -39,6 +40,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 
 from fedtune.capabilities import UNIFORM_WEIGHTING, Capabilities, Export, Payload, Support
+from fedtune.config.method import MethodConfig
 from fedtune.errors import PayloadError
 from fedtune.flower.strategy import Arrays, ClientUpdate, FedtuneStrategy, weights_for
 from fedtune.models.lora_sb import set_bases, update_approximation
@@ -72,8 +74,11 @@ def factorise(deltas: Arrays, rank: int, scale: float, svd: str = "exact", seed:
 
 
 @dataclass
-class FedSBConfig:
-    """``strategy=fed_sb``.
+class FedSBConfig(MethodConfig):
+    """``strategy=fed_sb``.  One-time setup traffic is in ledger.csv as kind ``one_time``.
+
+        fedtune run strategy=fed_sb                                        # MiniLM, r = 32
+        fedtune run strategy=fed_sb model=tiny dataset=tiny strategy.rank=8 num_rounds=3
 
     rank : r of every module (``L·r²`` trainable scalars); at most min(m, n).
     alpha : LoRA-SB scale numerator, ``s = alpha / rank``; ``null`` means alpha = rank, s = 1.
@@ -87,22 +92,21 @@ class FedSBConfig:
     """
 
     name: str = "fed_sb"
-    rank: int = 32
-    alpha: float | None = None
-    weighting: str = "uniform"
-    init_samples: int = 32
+    weighting: str = "uniform"  # uniform (official: plain mean) | examples
+    rank: int = 32  # per module; L·r² trainable scalars (<= min(out, in) of every target)
+    alpha: float | None = None  # s = alpha / rank; null = rank (s = 1, as the official code)
+    init_samples: int = 32  # examples per client for the one-time init gradient
     init_batch_size: int = 8
-    init_upload: str = "gradient"
-    init_step: float | None = None
-    svd: str = "exact"
+    init_upload: str = "gradient"  # gradient (fp32) | sign (int8)
+    init_step: float | None = None  # eta_eff in dW = -eta_eff·sign(G); null = train.lr
+    svd: str = "exact"  # exact (torch.linalg.svd) | lowrank (seeded svd_lowrank, niter 10)
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.rank <= 0:
             raise ValueError(f"rank must be > 0, got {self.rank}")
         if self.alpha is not None and not 0 < self.alpha < float("inf"):
             raise ValueError(f"alpha must be a finite number > 0 (or null for alpha = rank), got {self.alpha}")
-        if self.weighting not in ("examples", "uniform"):
-            raise ValueError(f"weighting: unknown {self.weighting!r}; accepted: examples, uniform")
         if self.init_samples < 1:
             raise ValueError(f"init_samples must be >= 1, got {self.init_samples}")
         if self.init_batch_size < 1:
@@ -115,8 +119,13 @@ class FedSBConfig:
             raise ValueError(f"svd: unknown {self.svd!r}; accepted: exact, lowrank")
 
     @property
+    def lora_alpha(self) -> float:
+        """The scale numerator both halves use: ``alpha``, or ``rank`` when it is null."""
+        return self.alpha if self.alpha is not None else float(self.rank)
+
+    @property
     def scale(self) -> float:
-        return (self.alpha if self.alpha is not None else self.rank) / self.rank
+        return self.lora_alpha / self.rank
 
 
 class FedSB(FedtuneStrategy):
@@ -129,20 +138,17 @@ class FedSB(FedtuneStrategy):
         "of the second such message in Context.state and trains the cores R on them in every round",
     )
 
-    def __init__(self, *, rank: int = 32, alpha: float | None = None, init_samples: int = 32,
-                 init_batch_size: int = 8, init_upload: str = "gradient", init_step: float | None = None,
-                 svd: str = "exact", weighting: str = "uniform", **kwargs: Any) -> None:
-        super().__init__(weighting=weighting, **kwargs)
-        self.config = FedSBConfig(rank=rank, alpha=alpha, weighting=weighting, init_samples=init_samples,
-                                  init_batch_size=init_batch_size, init_upload=init_upload,
-                                  init_step=init_step, svd=svd)
+    config: FedSBConfig
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
         self.bases: Arrays = {}  # <module>.sb_B / .sb_A, fixed after setup
 
     @classmethod
     def from_config(cls, cfg: Any) -> "FedSB":
         strategy = super().from_config(cfg)
         if strategy.config.init_step is None:  # Adam's first step moves each weight by ≈ lr
-            strategy.config.init_step = cfg.train.lr
+            strategy.config = dataclasses.replace(strategy.config, init_step=cfg.train.lr)
         return strategy  # type: ignore[return-value]
 
     # ------------------------------------------------------------------ setup

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from fedtune.capabilities import UNIFORM_WEIGHTING, Capabilities, Export, Payload, Support
+from fedtune.config.method import MethodConfig
 from fedtune.flower.strategy import Arrays, ClientUpdate, FedtuneStrategy, weights_for
 from fedtune.models.export import load_exported
 from fedtune.registry import register_method
@@ -52,18 +53,13 @@ def factor_product_gap(As: list[torch.Tensor], Bs: list[torch.Tensor], weights: 
 
 
 @dataclass
-class FedAvgLoRAConfig:
-    """``strategy=fedavg_lora``.
+class FedAvgLoRAConfig(MethodConfig):
+    """``strategy=fedavg_lora`` (the default): average LoRA A and B separately.
 
     weighting : ``examples`` (Shepherd/FedIT: by local dataset size) or ``uniform``.
     """
 
     name: str = "fedavg_lora"
-    weighting: str = "examples"
-
-    def __post_init__(self) -> None:
-        if self.weighting not in ("examples", "uniform"):
-            raise ValueError(f"weighting: unknown {self.weighting!r}; accepted: examples, uniform")
 
 
 class FedAvgLoRA(FedtuneStrategy):

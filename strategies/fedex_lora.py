@@ -26,39 +26,44 @@ from dataclasses import dataclass
 import torch
 
 from fedtune.capabilities import Capabilities, Export, Payload, Support
+from fedtune.config.method import MethodConfig
 from fedtune.flower.strategy import Arrays, ClientUpdate, weights_for
 from fedtune.models.export import load_exported
 from fedtune.models.state import load_trainable_state
 from fedtune.registry import register_method
 from strategies.fedavg_lora import FIRST_ORDER, weighted_average
-from strategies.lora_math import WEIGHTINGS, module_factors, require_choice, residual_factors
+from strategies.lora_math import module_factors, require_choice, residual_factors
 from strategies.merged_base import DELTA_MODES, MergedBaseStrategy
 
 
 @dataclass
-class FedExLoRAConfig:
+class FedExLoRAConfig(MethodConfig):
     """``strategy=fedex_lora``.
+
+        fedtune run strategy=fedex_lora model=tiny dataset=tiny num_rounds=3
+        fedtune run strategy=fedex_lora strategy.residual=factored strategy.weighting=uniform
 
     residual : how the cumulative residual travels, ``dense`` or ``factored``.
     weighting : ``examples`` or ``uniform`` (the official code) client weights p_k.
     """
 
     name: str = "fedex_lora"
-    residual: str = "dense"
-    weighting: str = "examples"
+    residual: str = "dense"  # dense | factored
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         require_choice("residual", self.residual, DELTA_MODES)
-        require_choice("weighting", self.weighting, WEIGHTINGS)
+
+    @property
+    def delta_mode(self) -> str:
+        """How :class:`~strategies.merged_base.MergedBaseStrategy` sends the merged delta."""
+        return self.residual
 
 
 class FedExLoRA(MergedBaseStrategy):
     """FedIT averages; ``s·(Σp_kB_kA_k − B̄Ā)`` accumulated into every client's base."""
 
     name = "fedex_lora"
-
-    def __init__(self, *, residual: str = "dense", **kwargs) -> None:  # type: ignore[no-untyped-def]
-        super().__init__(delta_mode=residual, **kwargs)
 
     def aggregate(self, server_round: int, updates: list[ClientUpdate]) -> Arrays:
         weights = weights_for(updates, self.weighting)

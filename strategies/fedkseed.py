@@ -45,6 +45,7 @@ import torch
 
 from fedtune.capabilities import Capabilities, Condition, Export, Payload, Support
 from fedtune.directions import SeedDirections, directions_for
+from fedtune.config.method import MethodConfig
 from fedtune.errors import ConfigError
 from fedtune.flower.strategy import Arrays, ClientUpdate, FedtuneStrategy, weights_for
 from fedtune.randomness import seed_pool
@@ -124,8 +125,12 @@ def check_cache_mb(value: float) -> None:
 
 
 @dataclass
-class FedKSeedConfig:
-    """``strategy=fedkseed`` (see ``configs/strategy/fedkseed.yaml``).
+class FedKSeedConfig(MethodConfig):
+    """``strategy=fedkseed``.  Exact only with train.weight_decay=0 (anything else is refused);
+    train.lr / train.optimizer / train.local_steps are not used: ZO steps use the fields below.
+
+        fedtune run strategy=fedkseed model=tiny dataset=tiny num_rounds=5            # a minute on CPU
+        fedtune run strategy=fedkseed strategy.num_seeds=1024 strategy.trainable=all  # paper-style, slow
 
     num_seeds : K candidate seeds.       local_steps : τ ZO steps per round.
     batch_size : examples per ZO step.   eps : perturbation scale ε.
@@ -139,18 +144,18 @@ class FedKSeedConfig:
     """
 
     name: str = "fedkseed"
-    num_seeds: int = 4096
-    local_steps: int = 200
-    batch_size: int = 1
-    eps: float = 5e-4
-    lr: float = 1e-3
-    trainable: str = "head_and_norms"
-    encoding: str = "pairs"
-    grad_clip: float = 0.0
-    weighting: str = "examples"
-    direction_cache_mb: float = 1024.0
+    num_seeds: int = 4096  # K candidate seeds (paper default; README runs use 1024)
+    local_steps: int = 200  # tau ZO steps per client and round (paper: 200)
+    batch_size: int = 1  # examples per ZO step (paper: 1)
+    eps: float = 5e-4  # perturbation scale (paper zo_eps)
+    lr: float = 1e-3  # constant eta on clients and in the server replay (paper: 3e-7 for 1.3B params)
+    trainable: str = "head_and_norms"  # all | no_embeddings | bias_and_head | head_and_norms
+    encoding: str = "pairs"  # pairs (tau x (int16 index + fp32)) | sums (K fp32 per-seed sums)
+    grad_clip: float = 0.0  # skip a step with |l+ - l-| above this (0 = off)
+    direction_cache_mb: float = 1024.0  # per-process cap (MiB) on the K x d fp32 bank of directions
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         check_cache_mb(self.direction_cache_mb)
         for key in ("num_seeds", "local_steps", "batch_size"):
             if getattr(self, key) < 1:
@@ -166,13 +171,14 @@ class FedKSeedConfig:
             raise ValueError(f"trainable: unknown {self.trainable!r}; accepted: {', '.join(TRAINABLE_PRESETS)}")
         if self.encoding not in ENCODINGS:
             raise ValueError(f"encoding: unknown {self.encoding!r}; accepted: {', '.join(ENCODINGS)}")
-        if self.weighting not in ("examples", "uniform"):
-            raise ValueError(f"weighting: unknown {self.weighting!r}; accepted: examples, uniform")
 
 
 @dataclass
 class FedKSeedProConfig(FedKSeedConfig):
-    """``strategy=fedkseed_pro``: as FedKSeed; needs ``encoding: pairs`` for the histories."""
+    """``strategy=fedkseed_pro``: as FedKSeed; needs ``encoding: pairs`` for the histories.
+
+        fedtune run strategy=fedkseed_pro model=tiny dataset=tiny num_rounds=5
+    """
 
     name: str = "fedkseed_pro"
 
@@ -189,13 +195,11 @@ class FedKSeed(FedtuneStrategy):
     name = "fedkseed"
     pro = False
 
-    def __init__(self, *, num_seeds: int = 4096, local_steps: int = 200, lr: float = 1e-3,
-                 encoding: str = "pairs", batch_size: int = 1, eps: float = 5e-4,
-                 trainable: str = "head_and_norms", grad_clip: float = 0.0, direction_cache_mb: float = 1024.0,
-                 **base) -> None:  # type: ignore[no-untyped-def]
+    config: FedKSeedConfig
+
+    def __init__(self, **base) -> None:  # type: ignore[no-untyped-def]
         super().__init__(**base)
-        self.num_seeds, self.local_steps, self.lr, self.encoding = num_seeds, local_steps, lr, encoding
-        self.direction_cache_mb = direction_cache_mb
+        num_seeds = self.config.num_seeds
         self.seeds = seed_pool(self.seed, num_seeds, "fedkseed-pool")
         self.accumulators = torch.zeros(num_seeds, dtype=torch.float32)
         self.abs_sum = torch.zeros(num_seeds, dtype=torch.float64)  # Pro: Σ|clip(g)| per seed,
@@ -210,11 +214,11 @@ class FedKSeed(FedtuneStrategy):
 
     def directions(self) -> SeedDirections:
         """This process's source of ``z_j`` (the cached bank when it fits the cap)."""
-        return directions_for(self.seeds, "gaussian", numel=self.numel, cache_mb=self.direction_cache_mb)
+        return directions_for(self.seeds, "gaussian", numel=self.numel, cache_mb=self.config.direction_cache_mb)
 
     def replay(self, theta: torch.Tensor, coeffs: torch.Tensor) -> None:
         """``θ ← θ − η Σ_j c_j z_j``."""
-        self.directions().add(theta, coeffs, alpha=-self.lr)
+        self.directions().add(theta, coeffs, alpha=-self.config.lr)
 
     def initialize(self, arrays: Arrays) -> None:
         super().initialize(arrays)
@@ -227,19 +231,19 @@ class FedKSeed(FedtuneStrategy):
         return {**out, "probabilities": self.probabilities} if self.pro else out
 
     def expected_upload(self, partition_id: int) -> dict[str, tuple[int, ...]]:
-        return upload_shapes(self.num_seeds, self.local_steps, self.encoding)
+        return upload_shapes(self.config.num_seeds, self.config.local_steps, self.config.encoding)
 
     def payload_problem(self, partition_id: int, arrays: Arrays) -> str:
-        return bad_indices(arrays.get("indices", torch.zeros(0)), self.num_seeds)
+        return bad_indices(arrays.get("indices", torch.zeros(0)), self.config.num_seeds)
 
     def aggregate(self, server_round: int, updates: list[ClientUpdate]) -> Arrays:
-        delta = torch.zeros(self.num_seeds, dtype=torch.float64)
+        delta = torch.zeros(self.config.num_seeds, dtype=torch.float64)
         for w, u in zip(weights_for(updates, self.weighting), updates):
-            if self.encoding == "sums":
+            if self.config.encoding == "sums":
                 delta += w * u.arrays["sums"].double()
             else:
                 idx = u.arrays["indices"].long()
-                delta += w * per_seed_sums(idx, u.arrays["values"], self.num_seeds)
+                delta += w * per_seed_sums(idx, u.arrays["values"], self.config.num_seeds)
                 if self.pro:
                     clipped = u.arrays["values"].double().clamp(-PRO_CLIP, PRO_CLIP).abs()
                     self.abs_sum.index_add_(0, idx, clipped)
@@ -275,10 +279,11 @@ class FedKSeedPro(FedKSeed):
 
 def fedkseed_bytes(strategy: FedKSeed, partition_id: int, upload: Arrays) -> tuple[int, int]:
     """Down ``4K`` (+ ``4K`` for Pro's p); up ``τ(4 + b_idx)`` (pairs) or ``4K`` (sums)."""
-    k = strategy.num_seeds
+    cfg = strategy.config
+    k = cfg.num_seeds
     down = 4 * k * (2 if strategy.pro else 1)
     b_idx = torch.empty(0, dtype=index_dtype(k)).element_size()
-    return down, (4 * k if strategy.encoding == "sums" else strategy.local_steps * (4 + b_idx))
+    return down, (4 * k if cfg.encoding == "sums" else cfg.local_steps * (4 + b_idx))
 
 
 ZEROTH_ORDER = Support(False, "FedKSeed's clients take zeroth-order steps and upload scalar finite differences of "

@@ -42,6 +42,7 @@ from typing import Union
 import torch
 
 from fedtune.capabilities import Capabilities, Payload, Support
+from fedtune.config.method import MethodConfig
 from fedtune.flower.strategy import Arrays, ClientUpdate, FedtuneStrategy, weights_for
 from fedtune.directions import SeedDirections, directions_for
 from fedtune.randomness import derive_seed, seed_pool
@@ -145,8 +146,12 @@ def server_coefficients(gamma: torch.Tensor, blocks: list[tuple[int, int]], seed
 
 
 @dataclass
-class FerretConfig:
-    """``strategy=ferret`` (see ``configs/strategy/ferret.yaml``).
+class FerretConfig(MethodConfig):
+    """``strategy=ferret``.  Local steps use the train section (official script: sgd, lr 1e-4,
+    10 steps, batch 1).
+
+        fedtune run strategy=ferret model=tiny dataset=tiny train.optimizer=sgd train.local_steps=10 num_rounds=5
+        fedtune run strategy=ferret strategy.scaling=official strategy.server_lr=10   # the official script
 
     num_seeds : K, the shared pool and the most bases per block.
     scaling : ``unbiased`` (1/(ρK_l)) or ``official`` (d_l/K_l).
@@ -158,15 +163,15 @@ class FerretConfig:
     """
 
     name: str = "ferret"
-    num_seeds: int = 200
-    scaling: str = "unbiased"
-    server_lr: float | None = None
-    clip: float = 10.0
-    trainable: str = "head_and_norms"
-    weighting: str = "examples"
-    direction_cache_mb: float = 1024.0
+    num_seeds: int = 200  # K: shared seed pool = most bases per block (official script: 200)
+    scaling: str = "unbiased"  # unbiased (1/(rho K_l) = 3 d_l/K_l) | official (d_l/K_l, E[update] = delta/3)
+    server_lr: float | None = None  # null = 1 (unbiased) or 3 (official): same expected step; official script: 10
+    clip: float = 10.0  # per-(seed, block) bound on ||gamma v|| (0 = off; official 10)
+    trainable: str = "head_and_norms"  # all | no_embeddings | bias_and_head | head_and_norms
+    direction_cache_mb: float = 1024.0  # per-process cap (MiB) on the K x d fp32 bank of all (seed, block) bases
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         check_cache_mb(self.direction_cache_mb)
         if not 2 <= self.num_seeds <= 1 << 31:
             raise ValueError(f"num_seeds must be in [2, 2**31], got {self.num_seeds}")
@@ -178,8 +183,13 @@ class FerretConfig:
             raise ValueError(f"clip must be >= 0 (0 = off), got {self.clip}")
         if self.trainable not in TRAINABLE_PRESETS:
             raise ValueError(f"trainable: unknown {self.trainable!r}; accepted: {', '.join(TRAINABLE_PRESETS)}")
-        if self.weighting not in ("examples", "uniform"):
-            raise ValueError(f"weighting: unknown {self.weighting!r}; accepted: examples, uniform")
+
+    @property
+    def step_size(self) -> float:
+        """η_s: ``server_lr``, or 1 (unbiased) / 3 (official), the same expected step."""
+        if self.server_lr is not None:
+            return self.server_lr
+        return 1.0 if self.scaling == "unbiased" else 3.0
 
 
 class Ferret(FedtuneStrategy):
@@ -187,21 +197,18 @@ class Ferret(FedtuneStrategy):
 
     name = "ferret"
 
-    def __init__(self, *, num_seeds: int = 200, scaling: str = "unbiased", server_lr: float | None = None,
-                 clip: float = 10.0, trainable: str = "head_and_norms", direction_cache_mb: float = 1024.0,
-                 **base) -> None:  # type: ignore[no-untyped-def]
+    config: FerretConfig
+
+    def __init__(self, **base) -> None:  # type: ignore[no-untyped-def]
         super().__init__(**base)
-        self.num_seeds, self.scaling, self.clip = num_seeds, scaling, clip
-        self.direction_cache_mb = direction_cache_mb
-        self.server_lr = server_lr if server_lr is not None else (1.0 if scaling == "unbiased" else 3.0)
-        self.pool = seed_pool(self.seed, num_seeds, "ferret-pool")
+        self.pool = seed_pool(self.seed, self.config.num_seeds, "ferret-pool")
 
     def initialize(self, arrays: Arrays) -> None:
         super().initialize(arrays)
         self.names, self.shapes, theta0 = flatten(arrays)
         self.blocks = make_blocks([s.numel() for s in self.shapes])
         self.seeds = block_seeds(self.pool, len(self.blocks))
-        self.coefficients = torch.zeros(self.num_seeds, len(self.blocks), dtype=torch.float32)
+        self.coefficients = torch.zeros(self.config.num_seeds, len(self.blocks), dtype=torch.float32)
         self.replica = SeedReplica(theta0, self.replay)
 
     def replay(self, theta: torch.Tensor, coefficients: torch.Tensor) -> None:
@@ -210,7 +217,7 @@ class Ferret(FedtuneStrategy):
 
     def bases(self) -> SeedDirections:
         """This process's basis source (the cached bank of all (seed, block) bases if it fits)."""
-        return directions_for(self.seeds, "uniform", segments=self.blocks, cache_mb=self.direction_cache_mb)
+        return directions_for(self.seeds, "uniform", segments=self.blocks, cache_mb=self.config.direction_cache_mb)
 
     def downlink(self, server_round: int, partition_id: int) -> Arrays:
         return {"coefficients": self.coefficients}
@@ -222,13 +229,13 @@ class Ferret(FedtuneStrategy):
         counts, n = arrays["counts"], len(arrays["indices"])
         if int(counts.min()) < 0 or int(counts.sum()) != n or len(arrays["values"]) != n:
             return f"block counts sum to {int(counts.sum())}, with {n} indices and {len(arrays['values'])} values"
-        return bad_indices(arrays["indices"], self.num_seeds)
+        return bad_indices(arrays["indices"], self.config.num_seeds)
 
     def aggregate(self, server_round: int, updates: list[ClientUpdate]) -> Arrays:
-        gamma = torch.zeros(self.num_seeds, len(self.blocks), dtype=torch.float64)
+        gamma = torch.zeros(self.config.num_seeds, len(self.blocks), dtype=torch.float64)
         for w, u in zip(weights_for(updates, self.weighting), updates):
-            gamma += w * scatter(u.arrays["counts"], u.arrays["indices"], u.arrays["values"], self.num_seeds)
-        step = server_coefficients(gamma, self.blocks, self.bases(), self.server_lr, self.clip)
+            gamma += w * scatter(u.arrays["counts"], u.arrays["indices"], u.arrays["values"], self.config.num_seeds)
+        step = server_coefficients(gamma, self.blocks, self.bases(), self.config.step_size, self.config.clip)
         self.coefficients = (self.coefficients.double() + step.double()).float()
         self.replica.sync(self.coefficients)
         return unflatten(self.replica.theta, self.names, self.shapes)
@@ -252,7 +259,7 @@ def encode_upload(counts: torch.Tensor, indices: torch.Tensor, values: torch.Ten
 
 def ferret_bytes(strategy: Ferret, partition_id: int, upload: Arrays) -> tuple[int, int]:
     """Down ``4KL`` (C); up ``4L`` (the K_l) + ``(4 + b_idx)·Σ_l K_l`` (index, value pairs)."""
-    k, blocks = strategy.num_seeds, len(strategy.blocks)
+    k, blocks = strategy.config.num_seeds, len(strategy.blocks)
     b_idx = torch.empty(0, dtype=index_dtype(k)).element_size()
     return 4 * k * blocks, 4 * blocks + (4 + b_idx) * int(upload["counts"].sum())
 

@@ -27,6 +27,8 @@ from strategies.lora_math import A_TAG
 class FFALoRAConfig(FedAvgLoRAConfig):
     """``strategy=ffa_lora`` (FedAvg's fields).
 
+        fedtune run strategy=ffa_lora model=tiny dataset=tiny num_rounds=3
+
     weighting : ``examples`` (p_k = n_k / Σ n_j) or ``uniform``.
     """
 

@@ -28,13 +28,14 @@ from dataclasses import dataclass, field
 import torch
 
 from fedtune.capabilities import Capabilities, Export, Payload, Support
+from fedtune.config.method import MethodConfig
 from fedtune.flower.strategy import Arrays, ClientUpdate, weights_for
 from fedtune.models.base_delta import fresh_adapter, load_non_lora
 from fedtune.models.export import load_exported
 from fedtune.randomness import torch_generator
 from fedtune.registry import register_method
 from strategies.fedavg_lora import FIRST_ORDER, weighted_average
-from strategies.lora_math import WEIGHTINGS, lora_keys, module_factors, require_choice, stack_factors
+from strategies.lora_math import lora_keys, module_factors, require_choice, stack_factors
 from strategies.merged_base import DELTA_MODES, MergedBaseStrategy
 
 
@@ -49,8 +50,11 @@ def client_rank(ranks: list[int], alpha_mode: str, lora_rank: int, lora_alpha: f
 
 
 @dataclass
-class FLoRAConfig:
+class FLoRAConfig(MethodConfig):
     """``strategy=flora``.
+
+        fedtune run strategy=flora model=tiny dataset=tiny num_rounds=3
+        fedtune run strategy=flora 'strategy.ranks=[8,4,4,2]' strategy.alpha=fixed strategy.merged=factored
 
     ranks : per-client LoRA ranks, cycled over partition ids (empty: ``model.lora.rank``).
     alpha : ``proportional`` (α_k = α·r_k/r, same s) or ``fixed`` (α_k = α, s_k = α/r_k).
@@ -59,17 +63,21 @@ class FLoRAConfig:
     """
 
     name: str = "flora"
-    ranks: list[int] = field(default_factory=list)
-    alpha: str = "proportional"
-    merged: str = "dense"
-    weighting: str = "examples"
+    ranks: list[int] = field(default_factory=list)  # cycled over partition ids; [] = model.lora.rank for all
+    alpha: str = "proportional"  # proportional (α_k = α·r_k/r, one s) | fixed (α_k = α, s_k = α/r_k)
+    merged: str = "dense"  # dense | factored
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if any(r < 1 for r in self.ranks):
             raise ValueError(f"ranks must all be >= 1, got {self.ranks}")
         require_choice("alpha", self.alpha, ("proportional", "fixed"))
         require_choice("merged", self.merged, DELTA_MODES)
-        require_choice("weighting", self.weighting, WEIGHTINGS)
+
+    @property
+    def delta_mode(self) -> str:
+        """How :class:`~strategies.merged_base.MergedBaseStrategy` sends the merged delta."""
+        return self.merged
 
 
 class FLoRA(MergedBaseStrategy):
@@ -77,14 +85,9 @@ class FLoRA(MergedBaseStrategy):
 
     name = "flora"
 
-    def __init__(self, *, ranks: list[int] | tuple[int, ...] = (), alpha: str = "proportional",
-                 merged: str = "dense", **kwargs) -> None:  # type: ignore[no-untyped-def]
-        super().__init__(delta_mode=merged, **kwargs)
-        self.ranks, self.alpha = list(ranks), alpha
-
     def rank_of(self, partition_id: int) -> tuple[int, float]:
         """``(r_k, s_k)`` of a client."""
-        rank, alpha = client_rank(self.ranks, self.alpha, self.lora_rank, self.lora_alpha, partition_id)
+        rank, alpha = client_rank(self.config.ranks, self.config.alpha, self.lora_rank, self.lora_alpha, partition_id)
         return rank, alpha / rank
 
     def initialize(self, arrays: Arrays) -> None:

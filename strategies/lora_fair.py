@@ -31,10 +31,11 @@ from typing import Callable
 import torch
 
 from fedtune.capabilities import Capabilities, Payload, Support
+from fedtune.config.method import MethodConfig
 from fedtune.flower.strategy import Arrays, ClientUpdate, FedtuneStrategy, weights_for
 from fedtune.registry import register_method
 from strategies.fedavg_lora import FIRST_ORDER, PEFT_EXPORT, state_each_way, weighted_average
-from strategies.lora_math import WEIGHTINGS, lora_pairs, module_factors, require_choice, weighted_product
+from strategies.lora_math import lora_pairs, module_factors, require_choice, weighted_product
 
 _TINY = 1e-30
 
@@ -133,8 +134,11 @@ def solve_iterative(dW: torch.Tensor, B_bar: torch.Tensor, A_bar: torch.Tensor, 
 
 
 @dataclass
-class LoRAFAIRConfig:
-    """``strategy=lora_fair``.
+class LoRAFAIRConfig(MethodConfig):
+    """``strategy=lora_fair``.  Bytes as FedIT; server solve time is in metrics.csv ``aggregate_seconds``.
+
+        fedtune run strategy=lora_fair model=tiny dataset=tiny num_rounds=3
+        fedtune run strategy=lora_fair strategy.solver=ridge strategy.lam=0.01
 
     solver : ``iterative`` (the paper's descent from 0) or ``ridge`` (closed form, LS).
     distance : data term of the iterative solver, ``cosine`` (paper) or ``frobenius`` (LS).
@@ -144,17 +148,16 @@ class LoRAFAIRConfig:
     """
 
     name: str = "lora_fair"
-    solver: str = "iterative"
-    distance: str = "cosine"
-    lam: float = 0.01
-    steps: int = 100
-    lr: float = 0.2
-    weighting: str = "examples"
+    solver: str = "iterative"  # iterative (paper: descent from ΔB=0, best iterate kept) | ridge (closed form, LS)
+    distance: str = "cosine"  # iterative data term: cosine (1 - cos, paper) | frobenius (LS, converges to ridge)
+    lam: float = 0.01  # λ; cosine: λ‖ΔB‖_F, frobenius/ridge: λ‖ΔB‖_F²
+    steps: int = 100  # iterations of the iterative solver (not given by the paper)
+    lr: float = 0.2  # step size (cosine: on ΔB/‖B̄‖_F; frobenius: times 1/Lipschitz)
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         require_choice("solver", self.solver, ("iterative", "ridge"))
         require_choice("distance", self.distance, ("cosine", "frobenius"))
-        require_choice("weighting", self.weighting, WEIGHTINGS)
         if not self.lam >= 0:
             raise ValueError(f"lam must be >= 0, got {self.lam}")
         if self.lam == float("inf"):
@@ -170,16 +173,14 @@ class LoRAFAIR(FedtuneStrategy):
 
     name = "lora_fair"
 
-    def __init__(self, *, solver: str = "iterative", distance: str = "cosine", lam: float = 0.01,
-                 steps: int = 100, lr: float = 0.2, **kwargs) -> None:  # type: ignore[no-untyped-def]
-        super().__init__(**kwargs)
-        self.solver, self.distance, self.lam, self.steps, self.lr = solver, distance, lam, steps, lr
+    config: LoRAFAIRConfig
 
     def correction(self, dW: torch.Tensor, B_bar: torch.Tensor, A_bar: torch.Tensor) -> torch.Tensor:
         """``ΔB*`` for one module, by the configured solver."""
-        if self.solver == "ridge":
-            return solve_ridge(dW, B_bar, A_bar, self.lam)
-        return solve_iterative(dW, B_bar, A_bar, self.lam, self.steps, self.lr, self.distance)
+        c = self.config
+        if c.solver == "ridge":
+            return solve_ridge(dW, B_bar, A_bar, c.lam)
+        return solve_iterative(dW, B_bar, A_bar, c.lam, c.steps, c.lr, c.distance)
 
     def aggregate(self, server_round: int, updates: list[ClientUpdate]) -> Arrays:
         weights = weights_for(updates, self.weighting)

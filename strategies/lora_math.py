@@ -25,7 +25,6 @@ import torch
 from fedtune.flower.strategy import ClientUpdate
 
 A_TAG, B_TAG = ".lora_A.", ".lora_B."
-WEIGHTINGS = ("examples", "uniform")
 
 
 def require_choice(field: str, value: str, accepted: Sequence[str]) -> None:

@@ -25,11 +25,14 @@ Nothing is sent before the first merge (``D = 0``).
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from fedtune.flower.strategy import Arrays, FedtuneStrategy
 from fedtune.models.base_delta import DELTA, DELTA_A, DELTA_B, set_base, split_deltas
 from fedtune.models.export import save_base_delta
+from fedtune.models.zoo import LoRAConfig
 from strategies.lora_math import lora_pairs, require_choice
 
 DELTA_MODES = ("dense", "factored")
@@ -83,18 +86,18 @@ class MergedDelta:
 class MergedBaseStrategy(FedtuneStrategy):
     """Base for FedEx-LoRA and FLoRA: keeps :class:`MergedDelta`, sends it, loads it.
 
-    Parameters
-    ----------
-    delta_mode : ``dense`` or ``factored`` (see the module docstring for the bytes).
-    lora_rank, lora_alpha : the model's LoRA settings (``s = lora_alpha / lora_rank``);
-        :meth:`from_config` reads them from ``model.lora``.
+    The method's config says how the delta travels (its ``delta_mode``: ``dense`` or
+    ``factored``, see the module docstring for the bytes).  ``lora_rank`` and
+    ``lora_alpha`` are the model's LoRA settings (``s = lora_alpha / lora_rank``):
+    :class:`~fedtune.models.zoo.LoRAConfig`'s defaults, which :meth:`from_config`
+    replaces by ``model.lora``.
     """
 
-    def __init__(self, *, delta_mode: str = "dense", lora_rank: int = 8, lora_alpha: float = 16.0,
-                 **kwargs) -> None:  # type: ignore[no-untyped-def]
+    def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self.delta = MergedDelta(delta_mode)
-        self.lora_rank, self.lora_alpha = lora_rank, lora_alpha
+        self.delta = MergedDelta(self.config.delta_mode)
+        lora = LoRAConfig()
+        self.lora_rank, self.lora_alpha = lora.rank, lora.alpha
         self.pairs: dict[str, tuple[str, str]] = {}
         self.shapes: dict[str, tuple[int, int]] = {}  # module -> (m, n)
 

@@ -108,7 +108,7 @@ CASES: list[tuple[str, str, str]] = [
     ("faults.modes=[boom]", "faults.modes", f"faults.modes: unknown fault 'boom'; accepted: {', '.join(FAULT_MODES)}"),
     ("faults.modes=[]", "faults.modes", "faults.modes must name at least one fault; accepted: raise, exit"),
     ("faults.modes=exit", "faults.modes", "faults.modes must be a list, got 'exit'"),
-    ("faults.modes=[nan]", "faults.modes", "faults.modes[0] must be a string, got nan"),  # YAML reads nan as a float
+    ("faults.modes=[nan]", "faults.modes", "faults.modes: unknown fault 'nan'; accepted: raise"),  # list[str]: 'nan'
 ]
 
 

@@ -27,7 +27,7 @@ from fedtune.models.state import trainable_state
 from fedtune.registry import MODELS, TRAINERS
 from fedtune.runtime.workspace import Workspace
 from fedtune.trainer import TrainContext
-from strategies.fed_sb import FedSB, factorise, sign_step
+from strategies.fed_sb import FedSB, FedSBConfig, factorise, sign_step
 
 M, N, R = 12, 7, 3  # non-square: "up" is M×N, "down" is N×M
 TINY = "model=tiny dataset=tiny strategy=fed_sb federation.num_clients=3 strategy.rank=4"
@@ -53,7 +53,7 @@ def _random_bases(model: nn.Module, seed: int = 0) -> dict[str, torch.Tensor]:
 
 
 def _strategy(**kw: object) -> FedSB:
-    return FedSB(num_clients=5, clients_per_round=3, seed=0, rank=R, init_step=0.01, **kw)
+    return FedSB(num_clients=5, clients_per_round=3, seed=0, config=FedSBConfig(rank=R, init_step=0.01, **kw))
 
 
 # ----------------------------------------------------------------------------- (a) exactness

@@ -3,7 +3,7 @@
 import torch
 
 from fedtune.flower.strategy import ClientUpdate
-from strategies.fedavg_lora import FedAvgLoRA, factor_product_gap, weighted_average
+from strategies.fedavg_lora import FedAvgLoRA, FedAvgLoRAConfig, factor_product_gap, weighted_average
 
 M, N, R = 12, 7, 3  # non-square module: B is m×r, A is r×n
 
@@ -52,7 +52,8 @@ def test_weights_follow_num_examples_and_factors_average_separately() -> None:
     out = _strategy().aggregate(1, updates)
     torch.testing.assert_close(out["A"], (0.75 * As[0] + 0.25 * As[1]).float())
     torch.testing.assert_close(out["B"], (0.75 * Bs[0] + 0.25 * Bs[1]).float())
-    uniform = FedAvgLoRA(num_clients=2, clients_per_round=2, weighting="uniform").aggregate(1, updates)
+    uniform_strategy = FedAvgLoRA(num_clients=2, clients_per_round=2, config=FedAvgLoRAConfig(weighting="uniform"))
+    uniform = uniform_strategy.aggregate(1, updates)
     torch.testing.assert_close(uniform["A"], (0.5 * As[0] + 0.5 * As[1]).float())
 
 

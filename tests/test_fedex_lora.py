@@ -19,7 +19,9 @@ R, ALPHA = 3, 6.0  # s = 2
 
 
 def _strategy(residual: str, k: int = 4) -> FedExLoRA:
-    return FedExLoRA(num_clients=k, clients_per_round=k, residual=residual, lora_rank=R, lora_alpha=ALPHA)
+    strategy = FedExLoRA(num_clients=k, clients_per_round=k, config=FedExLoRAConfig(residual=residual))
+    strategy.lora_rank, strategy.lora_alpha = R, ALPHA  # the model's LoRA (from_config: model.lora)
+    return strategy
 
 
 def test_residual_factors_have_rank_nr_and_equal_the_fedit_gap() -> None:
@@ -116,8 +118,8 @@ def test_through_the_trainer_on_tiny_bert(ws, residual: str) -> None:
     model = ws.model()
     lora = ws.cfg.model.lora
     assert FedExLoRA.from_config(ws.cfg).scale == lora.alpha / lora.rank
-    strategy = FedExLoRA(num_clients=4, clients_per_round=4, residual=residual, lora_rank=lora.rank,
-                         lora_alpha=lora.alpha)
+    strategy = FedExLoRA(num_clients=4, clients_per_round=4, config=FedExLoRAConfig(residual=residual))
+    strategy.lora_rank, strategy.lora_alpha = lora.rank, lora.alpha
     strategy.initialize(trainable_state(model))
     shapes = tiny_lora_shapes(model)
     assert any(m != n for m, n in shapes.values())

@@ -19,8 +19,8 @@ from fedtune.randomness import add_directions, draw_directions, seed_pool
 from fedtune.registry import MODELS
 from fedtune.runtime.workspace import Workspace
 from fedtune.trainer import TrainContext
-from strategies.fedkseed import (FedKSeed, FedKSeedPro, SeedReplica, encode_upload, flatten, per_seed_sums,
-                                 pro_probabilities, zo_steps)
+from strategies.fedkseed import (FedKSeed, FedKSeedConfig, FedKSeedPro, FedKSeedProConfig, SeedReplica, encode_upload,
+                                 flatten, per_seed_sums, pro_probabilities, zo_steps)
 
 BASE = "model=tiny dataset=tiny federation.num_clients=3"
 
@@ -80,7 +80,8 @@ def tiny():
 
 def _strategy(cfg, model, cls=FedKSeed, **kw) -> FedKSeed:  # type: ignore[no-untyped-def]
     params = {k: v for k, v in vars(cfg.strategy).items() if k != "name"}
-    strategy = cls(num_clients=3, clients_per_round=3, seed=cfg.seed, **{**params, **kw})
+    config = (FedKSeedProConfig if cls is FedKSeedPro else FedKSeedConfig)(**{**params, **kw})
+    strategy = cls(num_clients=3, clients_per_round=3, seed=cfg.seed, config=config)
     Workspace(cfg).trainer.flat(model).copy_(Workspace(cfg).trainer.theta0(model))  # θ0, as the ServerApp sees it
     strategy.initialize(trainable_state(model))
     return strategy
@@ -177,7 +178,7 @@ def test_bytes_per_client_round_match_section_8_and_stay_under_18kb(method: str)
     assert _bytes(upload) == tau * (4 + math.ceil(math.log2(K) / 8)) == 1200
     if method == "fedkseed":
         assert _bytes(down) + _bytes(upload) == 17_584 <= 18_000  # §5.6: 16,384 + 200·(4+2)
-        sums = FedKSeed(num_clients=1, clients_per_round=1, encoding="sums").expected_upload(0)
+        sums = FedKSeed(num_clients=1, clients_per_round=1, config=FedKSeedConfig(encoding="sums")).expected_upload(0)
         assert sums == {"sums": (K,)}  # sums encoding: 4K up
     assert metrics["num-examples"] > 0 and math.isfinite(metrics["train-loss"])
 

@@ -15,7 +15,7 @@ from fedtune.randomness import draw_directions, seed_pool
 from fedtune.runtime.workspace import Workspace
 from fedtune.trainer import TrainContext
 from strategies.fedkseed import SeedReplica, flatten
-from strategies.ferret import (Ferret, block_seeds, encode_upload, make_blocks, project, reconstruct,
+from strategies.ferret import (Ferret, FerretConfig, block_seeds, encode_upload, make_blocks, project, reconstruct,
                                seeds_per_block)
 
 D = 64
@@ -74,8 +74,8 @@ def test_blocks_follow_the_median_rule() -> None:
 
 
 def _server(numels: list[int], clip: float, weighting: str = "examples") -> Ferret:
-    server = Ferret(num_clients=3, clients_per_round=3, seed=0, num_seeds=16, server_lr=1.0, clip=clip,
-                    weighting=weighting)
+    server = Ferret(num_clients=3, clients_per_round=3, seed=0,
+                    config=FerretConfig(num_seeds=16, server_lr=1.0, clip=clip, weighting=weighting))
     server.initialize({f"p{i}": _delta(10 + i, n) for i, n in enumerate(numels)})
     return server
 
@@ -145,8 +145,8 @@ def test_bank_of_bases_gives_the_same_coordinates_and_model() -> None:
     clear_banks()
     results = []
     for cache_mb in (0.0, 1024.0):
-        server = Ferret(num_clients=2, clients_per_round=2, seed=0, num_seeds=16, clip=1e-2,
-                        direction_cache_mb=cache_mb)
+        server = Ferret(num_clients=2, clients_per_round=2, seed=0,
+                        config=FerretConfig(num_seeds=16, clip=1e-2, direction_cache_mb=cache_mb))
         server.initialize({f"p{i}": _delta(10 + i, n) for i, n in enumerate([40, 30, 30, 8])})
         assert server.bases().banked == (cache_mb > 0)
         ups = []

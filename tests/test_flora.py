@@ -30,8 +30,9 @@ def test_stacked_product_with_heterogeneous_ranks_and_scalings() -> None:
 
 
 def _strategy(merged: str, alpha: str = "fixed") -> FLoRA:
-    strategy = FLoRA(num_clients=3, clients_per_round=3, ranks=RANKS, alpha=alpha, merged=merged,
-                     lora_rank=LORA_RANK, lora_alpha=LORA_ALPHA)
+    config = FLoRAConfig(ranks=RANKS, alpha=alpha, merged=merged)
+    strategy = FLoRA(num_clients=3, clients_per_round=3, config=config)
+    strategy.lora_rank, strategy.lora_alpha = LORA_RANK, LORA_ALPHA  # the model's LoRA (from_config: model.lora)
     strategy.initialize(random_state(torch.Generator().manual_seed(99), LORA_RANK))
     return strategy
 

@@ -115,7 +115,7 @@ def test_iterative_ls_solver_converges_to_the_closed_form() -> None:
 @pytest.mark.parametrize("solver", ["iterative", "ridge"])
 def test_identical_clients_need_no_correction(solver: str) -> None:
     state = random_state(torch.Generator().manual_seed(7), R)
-    strategy = LoRAFAIR(num_clients=3, clients_per_round=3, solver=solver)
+    strategy = LoRAFAIR(num_clients=3, clients_per_round=3, config=LoRAFAIRConfig(solver=solver))
     out = strategy.aggregate(1, client_updates([{k: v.clone() for k, v in state.items()} for _ in range(3)]))
     for key, value in state.items():
         torch.testing.assert_close(out[key], value, atol=1e-6, rtol=0)
@@ -127,7 +127,7 @@ def test_identical_clients_need_no_correction(solver: str) -> None:
 def test_strategy_corrects_b_only_and_improves_every_module(solver: str) -> None:
     g = torch.Generator().manual_seed(9)
     states = [random_state(g, R) for _ in range(4)]
-    strategy = LoRAFAIR(num_clients=4, clients_per_round=4, solver=solver)
+    strategy = LoRAFAIR(num_clients=4, clients_per_round=4, config=LoRAFAIRConfig(solver=solver))
     out = strategy.aggregate(1, client_updates(states))
     p = p_weights(4)
     for key in [*HEAD, *(a_key(m) for m in MODULES)]:  # Ā and the head: plain FedAvg
@@ -173,4 +173,4 @@ def test_config_validation_and_registration() -> None:
     spec = METHODS.get("lora_fair")
     assert spec.trainer == "lora_sgd"
     strategy = spec.strategy_cls.from_config(cfg)
-    assert (strategy.solver, strategy.lam, strategy.steps) == ("ridge", 0.5, 100)
+    assert strategy.config is cfg.strategy and (strategy.config.solver, strategy.config.lam) == ("ridge", 0.5)

@@ -4,8 +4,8 @@ point, it passes the method contract and runs a real Ray round, touching no fedt
 The package is written into a temporary directory with an installed-package record
 (``toyfed-0.1.dist-info`` with ``entry_points.txt``), put on ``sys.path`` here and on
 ``PYTHONPATH`` for the Ray workers.  It ships its strategy (a weighted mean of the
-classifier head), its trainer (first-order steps on the head alone), its config class and
-its ``strategy/toy_head_avg.yaml`` (``config_dir`` of its spec).
+classifier head), its trainer (first-order steps on the head alone) and its config class,
+which is the whole of its config: ``strategy=toy_head_avg`` needs no YAML file.
 """
 
 from __future__ import annotations
@@ -31,25 +31,18 @@ METHOD = '''
 """Head-only federated averaging: clients train the classifier head, the server averages it."""
 
 from dataclasses import dataclass
-from pathlib import Path
-
-import torch
 
 from clients.local_steps import run_local_steps
 from fedtune.capabilities import UNIFORM_WEIGHTING, Capabilities, Export, Payload, Support
+from fedtune.config.method import MethodConfig
 from fedtune.flower.strategy import FedtuneStrategy, weights_for
 from fedtune.models.state import load_trainable_state, trainable_state
 from fedtune.registry import TRAINERS, register_method
 
 
 @dataclass
-class ToyConfig:
+class ToyConfig(MethodConfig):
     name: str = "toy_head_avg"
-    weighting: str = "examples"
-
-    def __post_init__(self):
-        if self.weighting not in ("examples", "uniform"):
-            raise ValueError(f"weighting: unknown {self.weighting!r}; accepted: examples, uniform")
 
 
 class ToyHeadAvg(FedtuneStrategy):
@@ -89,17 +82,15 @@ register_method(
         sum_only=Support(True, "the head is the weighted sum of the uploads"),
         identical_updates_fixed_point=True),
     payload=Payload(down="the head (fp32)", up="the head (fp32)", formula=head_bytes),
-    export=Export("the model (transformers save_pretrained)"),
-    config_dir=Path(__file__).parent / "configs")
+    export=Export("the model (transformers save_pretrained)"))
 '''
 
 
 def write_package(site: Path) -> None:
     pkg = site / "toyfed"
-    (pkg / "configs" / "strategy").mkdir(parents=True)
+    pkg.mkdir(parents=True)
     (pkg / "__init__.py").write_text("")
     (pkg / "method.py").write_text(textwrap.dedent(METHOD))
-    (pkg / "configs" / "strategy" / f"{NAME}.yaml").write_text(f"name: {NAME}\nweighting: examples\n")
     info = site / "toyfed-0.1.dist-info"
     info.mkdir()
     (info / "METADATA").write_text("Metadata-Version: 2.1\nName: toyfed\nVersion: 0.1\n")

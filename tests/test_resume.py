@@ -88,11 +88,11 @@ def _seed_updates(name: str, strategy: Any, round_seed: int) -> list[ClientUpdat
         if name == "ferret":
             counts = torch.full((len(strategy.blocks),), 2, dtype=torch.int32)
             n = int(counts.sum())
-            arrays = {"counts": counts, "indices": torch.randint(0, strategy.num_seeds, (n,), generator=gen,
+            arrays = {"counts": counts, "indices": torch.randint(0, strategy.config.num_seeds, (n,), generator=gen,
                                                                    dtype=torch.int16),
                       "values": 1e-3 * torch.randn(n, generator=gen)}
         else:
-            arrays = {"indices": torch.randint(0, strategy.num_seeds, (20,), generator=gen, dtype=torch.int16),
+            arrays = {"indices": torch.randint(0, strategy.config.num_seeds, (20,), generator=gen, dtype=torch.int16),
                       "values": torch.randn(20, generator=gen)}
         out.append(ClientUpdate(pid, 10 + 5 * pid, arrays, {}))
     return out

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from fedtune.config import PartitionConfig
+from fedtune.config.sections import PartitionConfig
 from fedtune.errors import ConfigError
 from fedtune.randomness import derive_seed
 

@@ -18,7 +18,8 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedtune.config import RunConfig, compose, from_dict
+from fedtune.config.composition import compose
+from fedtune.config.run import RunConfig, from_dict
 from fedtune.flower.faults import with_faults
 from fedtune.privacy.client_level import clip_on_client
 from fedtune.privacy.dp_sgd import with_privacy

@@ -45,7 +45,7 @@ from typing import Any
 
 import torch
 
-from fedtune.config import FAULT_MALFORMED
+from fedtune.config.sections import FAULT_MALFORMED
 from fedtune.randomness import numpy_rng
 
 Train = Callable[..., tuple[dict[str, torch.Tensor], dict[str, Any]]]

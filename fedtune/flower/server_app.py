@@ -23,7 +23,8 @@ from typing import Any
 from flwr.app import ArrayRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
-from fedtune.config import RunConfig, compose
+from fedtune.config.composition import compose
+from fedtune.config.run import RunConfig
 from fedtune.evaluation import evaluate, evaluate_heldout
 from fedtune.privacy.accounting import check_delta, not_accounted
 from fedtune.privacy.client_level import summary_block, with_client_dp

@@ -43,12 +43,14 @@ from flwr.serverapp.strategy import Result, Strategy
 
 from fedtune.comm.ledger import Ledger
 from fedtune.comm.metered_grid import MeteredGrid
+from fedtune.config.method import MethodConfig
 from fedtune.flower.nodes import ROLLCALL, discover_nodes, lacks_handler
 from fedtune.flower.replies import Arrays, ClientUpdate, RoundInfo, decode_replies, missing_replies, weights_for
 from fedtune.flower.round_loop import RoundHooks, run_rounds
 from fedtune.models.state import load_trainable_state
 from fedtune.results.ledger_state import ledger_records, ledger_state
 from fedtune.results.state_codec import check_state_keys
+from fedtune.registry import METHODS
 from fedtune.runtime.roster import SimulationRoster
 from fedtune.sampling import sample_partitions
 
@@ -63,9 +65,11 @@ class FedtuneStrategy(Strategy):
     num_clients : partitions expected to answer the roll-call.
     clients_per_round : how many are sampled each round.
     seed : the run seed (sampling stream).
-    weighting : ``"examples"`` (p_k = n_k / Σ n_j) or ``"uniform"``.
     min_replies : a round with fewer valid replies keeps the previous global state.
     rollcall_timeout : seconds to wait for all nodes to connect.
+    config : the method's config dataclass (the ``config_cls`` it is registered with;
+        :class:`~fedtune.config.method.MethodConfig` for an unregistered strategy), ``None``
+        = its defaults.  Kept as :attr:`config`; ``config.weighting`` gives p_k.
 
     Class attribute :attr:`client_app_needs` declares what a method needs from each
     ClientApp beyond a ``train`` handler that replies ``{"arrays", "metrics":
@@ -78,12 +82,15 @@ class FedtuneStrategy(Strategy):
     name = "base"
     client_app_needs: tuple[str, ...] = ()
 
-    def __init__(self, *, num_clients: int, clients_per_round: int, seed: int = 0,
-                 weighting: str = "examples", min_replies: int = 1, rollcall_timeout: float = 300.0) -> None:
-        if weighting not in ("examples", "uniform"):
-            raise ValueError(f"weighting must be 'examples' or 'uniform', got {weighting!r}")
+    def __init__(self, *, num_clients: int, clients_per_round: int, seed: int = 0, min_replies: int = 1,
+                 rollcall_timeout: float = 300.0, config: Any = None) -> None:
+        config_cls = METHODS.get(self.name).config_cls if self.name in METHODS.names() else MethodConfig
+        if config is not None and not isinstance(config, config_cls):
+            raise TypeError(f"{type(self).__name__}: config must be a {config_cls.__name__}, "
+                            f"got {type(config).__name__}")
+        self.config = config if config is not None else config_cls()
         self.num_clients, self.clients_per_round = num_clients, clients_per_round
-        self.seed, self.weighting, self.min_replies = seed, weighting, min_replies
+        self.seed, self.min_replies = seed, min_replies
         self.rollcall_timeout = rollcall_timeout
         self.ledger = Ledger()
         self.rounds: dict[int, RoundInfo] = {}
@@ -95,12 +102,16 @@ class FedtuneStrategy(Strategy):
         self._resuming = False  # set by start(resume=...): the next roll-call re-syncs, not sets up
         self.roster: SimulationRoster | None = None  # fedtune's simulation: the engine's node map, no roll-call
 
+    @property
+    def weighting(self) -> str:
+        """``examples`` or ``uniform``, validated by the config (:class:`~fedtune.config.method.MethodConfig`)."""
+        return self.config.weighting
+
     @classmethod
     def from_config(cls, cfg: Any) -> "FedtuneStrategy":
-        """Build from a :class:`~fedtune.config.RunConfig` (method fields become kwargs)."""
-        params = {k: v for k, v in vars(cfg.strategy).items() if k != "name"}
+        """Build from a :class:`~fedtune.config.run.RunConfig`; the method's section is passed whole."""
         return cls(num_clients=cfg.federation.num_clients, clients_per_round=cfg.federation.clients_per_round,
-                   seed=cfg.seed, min_replies=cfg.federation.min_clients, **params)
+                   seed=cfg.seed, min_replies=cfg.federation.min_clients, config=cfg.strategy)
 
     # ------------------------------------------------------------------ method hooks
     def initialize(self, arrays: Arrays) -> None:

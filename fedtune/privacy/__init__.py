@@ -1,5 +1,9 @@
 """Differential privacy for fedtune (``privacy=dp_sgd``, ``privacy=client_dp``).
 
+* :mod:`fedtune.privacy.options`: the config dataclasses of ``privacy=none|dp_sgd|client_dp``
+  and :class:`~fedtune.privacy.options.PrivacySpec`, what each registers in
+  :data:`fedtune.registry.PRIVACY` (the two mechanisms register from their own modules).
+
 * :mod:`fedtune.privacy.accounting`: the per-client accountant history kept in Flower's
   ``Context.state``, ε from it, σ calibration to a target ε, config checks that need
   the data (``δ < 1/n``) or the method (its declared capabilities, e.g. zeroth-order

@@ -23,22 +23,14 @@ from typing import Any
 import torch
 
 from fedtune.errors import ConfigError
+from fedtune.registry import METHODS
 
 HISTORY_KEY = "dp/history"  # TrainContext.state key of the accountant's (σ, q, steps) rows
 
+
 def check_supported(cfg: Any) -> None:
     """Refuse ``privacy=dp_sgd`` with a method that does not declare example-level DP (its
-    :class:`~fedtune.capabilities.Capabilities` say why), and ``privacy=client_dp`` where
-    :func:`fedtune.privacy.client_level.check_supported` says so."""
-    if cfg.privacy.name == "none":
-        return
-    if cfg.privacy.name == "client_dp":
-        from fedtune.privacy.client_level import check_supported as check_client_level
-
-        check_client_level(cfg)
-        return
-    from fedtune.registry import METHODS
-
+    :class:`~fedtune.capabilities.Capabilities` say why)."""
     support = METHODS.get(cfg.strategy.name).capabilities.example_dp
     if not support.ok:
         raise ConfigError(f"privacy: {cfg.privacy.name} is not supported with strategy={cfg.strategy.name}: "
@@ -49,8 +41,6 @@ def check_supported(cfg: Any) -> None:
 def not_accounted(cfg: Any) -> dict[str, str]:
     """summary.json's ``privacy.not_accounted``: what the method's one-time setup computes on
     client data outside the DP mechanism (empty when it declares no such setup)."""
-    from fedtune.registry import METHODS
-
     note = METHODS.get(cfg.strategy.name).capabilities.setup_on_client_data
     return {"not_accounted": note} if note else {}
 

@@ -49,29 +49,19 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import (DifferentialPrivacyClientSideFixedClipping,
                                      DifferentialPrivacyServerSideFixedClipping, Result, Strategy)
 
-from fedtune.config import CLIPPING_SIDES, ClientDPConfig
 from fedtune.errors import ConfigError
 from fedtune.flower.round_loop import RoundHooks
 from fedtune.flower.strategy import FedtuneStrategy, RoundInfo
 from fedtune.privacy.accounting import epsilon, not_accounted
+from fedtune.privacy.options import CLIPPING_SIDES, ClientDPConfig, PrivacySpec
 from fedtune.randomness import derive_seed
+from fedtune.registry import PRIVACY
 from fedtune.results.state_codec import check_state_keys
-from fedtune.schema import build
 
-DP_SGD_FIELDS = ("max_grad_norm", "target_epsilon", "planned_rounds", "sampling", "grad_sample_mode", "accountant")
 NOT_COVERED = "the clients' train-loss metrics (Flower's wrappers protect the arrays only)"
 
 
 # ----------------------------------------------------------------------------- config
-def build_section(raw: dict[str, Any]) -> ClientDPConfig:
-    """The ``privacy`` section for ``name: client_dp``; DP-SGD's fields are refused by name."""
-    mixed = sorted(set(raw) & set(DP_SGD_FIELDS))
-    if mixed:
-        raise ConfigError(f"privacy.{mixed[0]} belongs to privacy=dp_sgd: client_dp cannot be combined with "
-                          "example-level DP-SGD (one privacy mechanism per run; their composition is not implemented)")
-    return build(ClientDPConfig, raw, "privacy")
-
-
 def check_supported(cfg: Any) -> None:
     """Refuse a method that does not declare client-level DP (its capabilities say why) or
     whose conditions for it (e.g. ``weighting: uniform``) are unmet, and δ ≥ 1/num_clients."""
@@ -291,3 +281,6 @@ def clip_on_client(cfg: Any, msg: Message, context: Context,
     if cfg.privacy.name == "client_dp" and cfg.privacy.clipping == "client":
         return fixedclipping_mod(msg, context, call_next)
     return call_next(msg, context)
+
+
+PRIVACY.register("client_dp", PrivacySpec(ClientDPConfig, check=check_supported))

@@ -45,9 +45,11 @@ from typing import Any
 import torch
 
 from fedtune.data.batches import local_batches
-from fedtune.privacy.accounting import (check_delta, epsilon, extended, load_history, noise_multiplier,
-                                        sample_rate, save_history)
+from fedtune.privacy.accounting import (check_delta, check_supported, epsilon, extended, load_history,
+                                        noise_multiplier, sample_rate, save_history)
+from fedtune.privacy.options import DPSGDConfig, PrivacySpec
 from fedtune.randomness import derive_seed, seed_torch, torch_generator
+from fedtune.registry import PRIVACY
 
 Train = Callable[..., tuple[dict[str, torch.Tensor], dict[str, float]]]
 
@@ -179,3 +181,6 @@ def with_privacy(train: Train, cfg: Any) -> Train:
         return upload, {**metrics, **base, "dp-budget-spent": 0, "dp-epsilon": epsilon(new, pc.delta, pc.accountant)}
 
     return private_train
+
+
+PRIVACY.register("dp_sgd", PrivacySpec(DPSGDConfig, check=check_supported))

@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from fedtune.config import RunConfig
+from fedtune.config.run import RunConfig
 from fedtune.results.store import atomic_write_text
 from fedtune.runtime.environment import quiet_libraries
 from fedtune.runtime.flower_private import drop_run_simulation_deprecation, quiet_actor_shutdown

@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 import torch
 
-from fedtune.config import RunConfig
+from fedtune.config.run import RunConfig
 from fedtune.data.batches import Encoded, encode
 from fedtune.data.partition import partition_indices
 from fedtune.data.sources import TextDataset
