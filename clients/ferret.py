@@ -1,6 +1,6 @@
 """Ferret client: T first-order steps, then a block-wise shared-seed projection of Δ.
 
-Ferret (Shu et al., ICML'25, arXiv 2409.06277), algorithms.md §6.  The client syncs its
+Ferret (Shu et al., ICML'25, arXiv 2409.06277), docs/methods.md#ferret.  The client syncs its
 model to the downlinked coefficient matrix ``C`` (``w = w0 − Σ_{j,l} C_{j,l} v_{j,l}``,
 replaying only ``C − C_last`` onto this process's cached copy, with the bases read from
 this process's bank, :mod:`fedtune.directions`), runs ``train.local_steps``

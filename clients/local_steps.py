@@ -1,7 +1,7 @@
 """The first-order local loop shared by every gradient-based trainer.
 
 A fresh optimizer every round (FedIT, FLoRA and Fed-SB rebuild AdamW per client per
-round, algorithms.md §1.2), batches from the client's seeded stream, dropout seeded
+round, docs/methods.md#notation), batches from the client's seeded stream, dropout seeded
 from ``("train", round, partition_id)``: the same client in the same round computes
 the same update in any process.  With ``privacy=dp_sgd`` the loop is Opacus DP-SGD
 instead (:func:`fedtune.privacy.dp_sgd.run_private_steps`): every trainer that calls

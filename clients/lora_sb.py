@@ -1,7 +1,7 @@
 """The Fed-SB client: LoRA-SB cores ``R`` (+ the classifier head) trained locally.
 
 Fed-SB (Singhal et al., arXiv 2502.15436) on LoRA-SB (Ponkshe et al., arXiv
-2411.19557); algorithms.md §4.  The adapter is :class:`fedtune.models.lora_sb.LoRASBModel`:
+2411.19557); docs/methods.md#fed_sb.  The adapter is :class:`fedtune.models.lora_sb.LoRASBModel`:
 ``W = W0 + s·B R A`` on ``model.lora.target_modules`` with ``r = strategy.rank``.
 
 ``setup`` serves the strategy's two one-time ``train.setup`` messages:

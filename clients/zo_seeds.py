@@ -1,6 +1,6 @@
 """Zeroth-order local steps over shared seeds: the FedKSeed / FedKSeed-Pro client.
 
-FedKSeed (Qin et al., ICML'24, arXiv 2312.06353), algorithms.md §5.2.  The client
+FedKSeed (Qin et al., ICML'24, arXiv 2312.06353), docs/methods.md#fedkseed.  The client
 
 1. syncs its model to the downlinked accumulators ``a``: ``θ = θ0 − η Σ_j a_j z_j``,
    replaying only ``a − a_last`` onto this process's cached copy (:class:`SeedReplica`),

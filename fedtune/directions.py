@@ -1,6 +1,6 @@
 """Seeded directions of a fixed seed pool: streamed, or held in a per-process bank.
 
-FedKSeed (Qin et al., arXiv 2312.06353, algorithms.md §5.4) and Ferret (Shu et al., arXiv
+FedKSeed (Qin et al., arXiv 2312.06353, docs/methods.md#fedkseed) and Ferret (Shu et al., arXiv
 2409.06277, §6) fix a pool of K seeds for the whole run.  Rebuilding the model
 ``θ = θ0 + α Σ_j c_j z(s_j)`` by regenerating every ``z(s_j)`` costs K·d random draws
 each time; for a fixed pool the K×d matrix ``Z`` of directions can instead be generated

@@ -1,6 +1,6 @@
 """The one place where seeds become random streams.
 
-Convention (algorithms.md §1.2): a stream is identified by the run seed plus a purpose
+Convention (docs/methods.md#notation): a stream is identified by the run seed plus a purpose
 and integer ids, e.g. ``("sampling", round)`` or ``("batches", round, partition_id)``.
 The ids are hashed (SHA-256) into a 63-bit seed, so streams are independent of each
 other, identical in every process and on every host, and never depend on global RNG
@@ -50,7 +50,7 @@ def seed_torch(seed: int, *keys: Key) -> None:
 
 
 # ---------------------------------------------------------------------------------------
-# Seeded directions (FedKSeed arXiv 2312.06353, Ferret arXiv 2409.06277; algorithms.md §1.2)
+# Seeded directions (FedKSeed arXiv 2312.06353, Ferret arXiv 2409.06277; docs/methods.md#notation)
 #
 # A *direction* ``z(s) ∈ R^n`` is one flat fp32 draw of length ``n`` from a CPU
 # ``torch.Generator`` seeded with ``s``.  For a model, ``n = Σ numel`` of the tuned

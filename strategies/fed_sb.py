@@ -3,7 +3,7 @@
 Implementation of Fed-SB (Singhal, Ponkshe, Vartak, Varshney, Vepakomma, "Fed-SB: A
 Silver Bullet for Extreme Communication Efficiency and Performance in (Private)
 Federated LoRA Fine-Tuning", arXiv 2502.15436) on LoRA-SB (Ponkshe et al., arXiv
-2411.19557); algorithms.md §4.  The adapter is :mod:`fedtune.models.lora_sb`.
+2411.19557); docs/methods.md#fed_sb.  The adapter is :mod:`fedtune.models.lora_sb`.
 
 **One-time setup** (``setup``, messages ``train.setup``, metered as ``one_time``):
 

@@ -1,7 +1,7 @@
 """FedAvg-LoRA, a.k.a. FedIT.
 
 Implementation of FedIT (Zhang et al., "Towards Building the Federated GPT: Federated
-Instruction Tuning", ICASSP'24, arXiv 2305.05644), algorithms.md §2.
+Instruction Tuning", ICASSP'24, arXiv 2305.05644), docs/methods.md#fedavg_lora.
 
 Each sampled client trains the LoRA factors ``(A_k, B_k)`` (and the classifier head)
 from the global ones; the server averages **each factor separately**, weighted by

@@ -1,7 +1,7 @@
 """FedEx-LoRA: FedIT averages plus the exact residual folded into the frozen base.
 
 Implementation of FedEx-LoRA (Singhal, Ponkshe, Vepakomma, ACL'25, arXiv 2410.09432),
-algorithms.md §7.  The server averages the factors as FedIT does and adds what that
+docs/methods.md#fedex_lora.  The server averages the factors as FedIT does and adds what that
 average misses to the frozen weights, per LoRA module (s = lora_alpha / r)::
 
     Ā = Σ p_k A_k,   B̄ = Σ p_k B_k

@@ -2,7 +2,7 @@
 
 Implementation of FedKSeed (Qin et al., "Federated Full-Parameter Tuning of Billion-Sized
 Language Models with Communication Cost under 18 Kilobytes", ICML'24, arXiv 2312.06353),
-algorithms.md §5.
+docs/methods.md#fedkseed.
 
 Every party derives the same **K candidate seeds** ``s_1..s_K`` from the run seed, and
 ``z_j = z(s_j) ∈ R^d`` is the seeded Gaussian direction over the tuned parameters

@@ -1,7 +1,7 @@
 """Ferret: first-order local updates, shared-randomness projection, exact aggregation.
 
 Implementation of Ferret (Shu, Hu, Ng, Low, Yu, "Ferret: Federated Full-Parameter Tuning
-at Scale for Large Language Models", ICML'25, arXiv 2409.06277), algorithms.md §6.
+at Scale for Large Language Models", ICML'25, arXiv 2409.06277), docs/methods.md#ferret.
 
 A client runs T first-order steps from the global ``w`` and forms ``Δ = w_old − w_new``.
 The tuned parameters are split into L blocks (:func:`make_blocks`, a deterministic

@@ -1,7 +1,7 @@
 """FFA-LoRA: freeze ``A`` at its shared random init, train and average only ``B``.
 
 Implementation of FFA-LoRA (Sun, Li, Li, Ding, ICLR'24, arXiv 2403.12313),
-algorithms.md §7.  Every party builds the adapter from the same seeded init, so ``A``
+docs/methods.md#ffa_lora.  Every party builds the adapter from the same seeded init, so ``A``
 is identical everywhere and never changes; clients train ``B`` (from 0) and the head::
 
     B̄ = Σ_k p_k B_k,    global model W0 + s·B̄A = Σ_k p_k (W0 + s·B_k A)   (exact)

@@ -1,7 +1,7 @@
 """FLoRA: stack the clients' LoRA factors, merge the product into the base, restart.
 
 Implementation of FLoRA (Wang et al., NeurIPS'24, arXiv 2409.05976; official code
-ATP-1010/FederatedLLM), algorithms.md §7.  Clients may have different ranks ``r_k``
+ATP-1010/FederatedLLM), docs/methods.md#flora.  Clients may have different ranks ``r_k``
 (and scalings ``s_k = α_k / r_k``); stacking is exact for any of them::
 
     B_stack = [s_1B_1, …, s_NB_N]   (m × Σr_k),   A_stack = [p_1A_1; …; p_NA_N]   (Σr_k × n)

@@ -1,7 +1,7 @@
 """LoRA-FAIR: FedIT averages plus a server-side residual on ``B``.
 
 Implementation of LoRA-FAIR (Bian, Wang, Zhang, Xu, ICCV'25, arXiv 2411.14961),
-algorithms.md §3.  Averaging ``A`` and ``B`` separately (FedIT) misses the ideal
+docs/methods.md#lora_fair.  Averaging ``A`` and ``B`` separately (FedIT) misses the ideal
 product ``ΔW = Σ_k p_k B_k A_k``; LoRA-FAIR keeps ``Ā`` and corrects ``B̄`` so that the
 product points the same way as ``ΔW``, per LoRA module::
 

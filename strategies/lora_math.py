@@ -1,7 +1,7 @@
 """LoRA maths shared by the aggregation methods (pure tensors, no Flower, no peft).
 
 Every method that looks at LoRA factors *as products* (LoRA-FAIR, FedEx-LoRA, FLoRA)
-needs the same few pieces, written once here (algorithms.md §1-§3, §7):
+needs the same few pieces, written once here (docs/methods.md#notation):
 
 * :func:`lora_pairs`: pair ``...lora_A.<adapter>.weight`` (r×n) with
   ``...lora_B.<adapter>.weight`` (m×r) by module name;
@@ -12,7 +12,7 @@ needs the same few pieces, written once here (algorithms.md §1-§3, §7):
   rank ≤ N·r, using ``Σ_k p_k (B_k − B̄) = 0``:
   ``Σ_k p_k B_k A_k − B̄Ā = Σ_k p_k (B_k − B̄) A_k = [B_1−B̄, …] · [p_1A_1; …]``.
 
-Shapes follow peft on ``nn.Linear`` (algorithms.md §1): ``B ∈ R^{m×r}``, ``A ∈ R^{r×n}``,
+Shapes follow peft on ``nn.Linear`` (docs/methods.md#notation): ``B ∈ R^{m×r}``, ``A ∈ R^{r×n}``,
 so ``B A`` is in the weight's own (out, in) layout.  Sums are taken in fp64.
 """
 
@@ -75,7 +75,7 @@ def stack_factors(As: Sequence[torch.Tensor], Bs: Sequence[torch.Tensor], weight
     """FLoRA stacking: ``(B_stack, A_stack)`` with ``B_stack A_stack = Σ p_k s_k B_k A_k``.
 
     The weights go on ``A`` (as in the paper), the per-client scaling ``s_k = α_k/r_k``
-    is folded into ``B`` (algorithms.md §1.2).  Ranks may differ per client:
+    is folded into ``B`` (docs/methods.md#notation).  Ranks may differ per client:
     ``B_stack`` is m×Σr_k and ``A_stack`` is Σr_k×n.
     """
     scales = [1.0] * len(As) if scales is None else scales

@@ -1,7 +1,7 @@
 """Server half shared by the methods that fold updates into the frozen base.
 
 FedEx-LoRA (arXiv 2410.09432) folds the aggregation residual into ``W0``; FLoRA
-(arXiv 2409.05976) folds the stacked product into it (algorithms.md §7).  The server
+(arXiv 2409.05976) folds the stacked product into it (docs/methods.md#flora).  The server
 keeps the *cumulative* merged delta ``D_l`` of every LoRA module, so the global model
 is ``W0 + D`` (+ the method's adapter), and sends it to every sampled client.
 

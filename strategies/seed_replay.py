@@ -1,6 +1,6 @@
 """Seed-replay pieces shared by FedKSeed and Ferret: flat layout, replica, ZO steps.
 
-FedKSeed (Qin et al., arXiv 2312.06353, algorithms.md §5.2, §5.4) and Ferret (arXiv
+FedKSeed (Qin et al., arXiv 2312.06353, docs/methods.md#fedkseed) and Ferret (arXiv
 2409.06277, §6) both keep the global model as ``θ0 + apply(c)`` for a coefficient tensor
 ``c`` over a fixed seed pool, with the tuned parameters flattened in canonical
 (sorted-name) order, the layout of the seeded directions (§1.2).

@@ -1,4 +1,4 @@
-"""Fed-SB / LoRA-SB oracles (algorithms.md §4.9, §10.3), on non-square modules.
+"""Fed-SB / LoRA-SB oracles (docs/methods.md#fed_sb), on non-square modules.
 
 (a) exact aggregation, (b) Eckart–Young init with orthonormal bases, (c) only R and the
 head train and ∂L/∂R = s·BᵀGAᵀ, (d) payload bytes, plus the whole one-time setup and a

@@ -1,4 +1,4 @@
-"""FedIT / FedAvg-LoRA oracles (algorithms.md §2, §10.1)."""
+"""FedIT / FedAvg-LoRA oracles (docs/methods.md#fedavg_lora)."""
 
 import torch
 

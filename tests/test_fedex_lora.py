@@ -1,4 +1,4 @@
-"""FedEx-LoRA oracles (algorithms.md §7, §10.9): after aggregation every client's model
+"""FedEx-LoRA oracles (docs/methods.md#fedex_lora): after aggregation every client's model
 is the ideal ``W0 + s·Σ p_k B_k A_k``, on non-square modules, in both weight layouts,
 including clients that skipped rounds; downlink bytes as documented."""
 

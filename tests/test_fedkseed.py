@@ -1,4 +1,4 @@
-"""FedKSeed / FedKSeed-Pro oracles (algorithms.md §5.10, §10.4–5, §10.11) and shared randomness."""
+"""FedKSeed / FedKSeed-Pro oracles (docs/methods.md#fedkseed) and shared randomness."""
 
 import hashlib
 import math
@@ -72,10 +72,14 @@ def test_central_difference_is_exact_on_a_quadratic() -> None:
 
 @pytest.fixture(scope="module")
 def tiny():
+    """One torch thread for this module, restored after: the thread count changes float
+    sums, and other tests compare runs bit for bit."""
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
     cfg = compose(f"{BASE} strategy=fedkseed strategy.num_seeds=64 strategy.local_steps=20 strategy.batch_size=4")
     ws = Workspace(cfg)
-    return cfg, ws, ws.model()
+    yield cfg, ws, ws.model()
+    torch.set_num_threads(threads)
 
 
 def _strategy(cfg, model, cls=FedKSeed, **kw) -> FedKSeed:  # type: ignore[no-untyped-def]

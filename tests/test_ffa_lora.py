@@ -1,4 +1,4 @@
-"""FFA-LoRA oracles (algorithms.md §7, §10.7): A frozen and identical, aggregation exact."""
+"""FFA-LoRA oracles (docs/methods.md#ffa_lora): A frozen and identical, aggregation exact."""
 
 import pytest
 import torch

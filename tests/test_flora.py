@@ -1,4 +1,4 @@
-"""FLoRA oracles (algorithms.md §7, §10.8): the stacked product is Σ p_k s_k B_k A_k
+"""FLoRA oracles (docs/methods.md#flora): the stacked product is Σ p_k s_k B_k A_k
 exactly with heterogeneous ranks; clients restart fresh on W0 + D; bytes as documented."""
 
 import pytest

@@ -1,4 +1,4 @@
-"""LoRA-FAIR oracles (algorithms.md §3, §10.2) on non-square modules, unequal weights."""
+"""LoRA-FAIR oracles (docs/methods.md#lora_fair) on non-square modules, unequal weights."""
 
 import pytest
 import torch

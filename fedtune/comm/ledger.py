@@ -9,7 +9,7 @@
   ``deflate()`` of Flower's message classes).  This is what the deployment engine
   sends; in simulation the same objects are built.
 * **payload bytes**: the scalars the method actually needs, ``numel × itemsize`` of
-  every array in the message's ``ArrayRecord``\\ s (algorithms.md §1.1).  Everything
+  every array in the message's ``ArrayRecord``\\ s (docs/methods.md#notation).  Everything
   else (npy headers, keys, protobuf, round numbers, metrics) is framing/control.
 
 The :class:`Ledger` keeps one :class:`WireRecord` per message and direction and answers

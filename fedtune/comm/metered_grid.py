@@ -7,7 +7,8 @@ trainers never count bytes themselves.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 
 from flwr.app import Message
 from flwr.serverapp import Grid
@@ -76,3 +77,17 @@ class MeteredGrid(Grid):
 
     def get_nodes(self):  # type: ignore[no-untyped-def]
         return self.inner.get_nodes()
+
+
+@contextmanager
+def metered_as(grid: Grid, kind: str) -> Iterator[None]:
+    """Record the messages sent inside the block under ledger kind ``kind`` (e.g. a
+    resume's roll-call and re-sync as ``resume``); a grid that is not metered is left alone."""
+    if not isinstance(grid, MeteredGrid):
+        yield
+        return
+    grid.kind, previous = kind, grid.kind
+    try:
+        yield
+    finally:
+        grid.kind = previous

@@ -29,8 +29,7 @@ Subclasses implement :meth:`aggregate` (pure tensor maths) and may override
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable
 from dataclasses import asdict
 from logging import INFO, WARNING
 from typing import Any
@@ -42,15 +41,15 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
 
 from fedtune.comm.ledger import Ledger
-from fedtune.comm.metered_grid import MeteredGrid
+from fedtune.comm.metered_grid import MeteredGrid, metered_as
 from fedtune.config.method import MethodConfig
 from fedtune.flower.nodes import ROLLCALL, discover_nodes, lacks_handler
 from fedtune.flower.replies import Arrays, ClientUpdate, RoundInfo, decode_replies, missing_replies, weights_for
 from fedtune.flower.round_loop import RoundHooks, run_rounds
 from fedtune.models.state import load_trainable_state
+from fedtune.registry import METHODS
 from fedtune.results.ledger_state import ledger_records, ledger_state
 from fedtune.results.state_codec import check_state_keys
-from fedtune.registry import METHODS
 from fedtune.runtime.roster import SimulationRoster
 from fedtune.sampling import sample_partitions
 
@@ -223,7 +222,7 @@ class FedtuneStrategy(Strategy):
         if isinstance(grid, MeteredGrid):
             grid.server_round = server_round
         if not self.node_of and self._resuming:  # a new process: learn the nodes, restore client state
-            with _metered_as(grid, "resume"):
+            with metered_as(grid, "resume"):
                 self._rollcall(grid)
                 self.resync(grid, server_round)
             self._resuming = False
@@ -319,15 +318,3 @@ class FedtuneStrategy(Strategy):
         self.rounds = {int(r): RoundInfo(**info) for r, info in state["rounds"].items()}
         self.client_epsilon = {int(pid): float(eps) for pid, eps in state["client_epsilon"].items()}
 
-
-@contextmanager
-def _metered_as(grid: Grid, kind: str) -> Iterator[None]:
-    """Record the messages sent inside the block under ledger kind ``kind``."""
-    if not isinstance(grid, MeteredGrid):
-        yield
-        return
-    grid.kind, previous = kind, grid.kind
-    try:
-        yield
-    finally:
-        grid.kind = previous

@@ -2,7 +2,7 @@
 
 LoRA-SB (Ponkshe et al., "Initialization using Update Approximation is a Silver
 Bullet for Extreme Efficient Low-Rank Fine-Tuning", arXiv 2411.19557), as used by
-Fed-SB (Singhal et al., arXiv 2502.15436); algorithms.md §4.1–4.2.  Each target
+Fed-SB (Singhal et al., arXiv 2502.15436); docs/methods.md#fed_sb.  Each target
 ``nn.Linear`` with weight ``W0 ∈ R^{m×n}`` becomes::
 
     y = W0 x + s · B R A x,      B ∈ R^{m×r}, A ∈ R^{r×n} frozen,  R ∈ R^{r×r} trained
@@ -15,7 +15,7 @@ approximate first full fine-tuning step ``ΔW ≈ U_r S_r V_rᵀ`` gives ``B = U
 ``A = V_rᵀ`` and ``R0 = S_r / s``, so ``s·B R0 A`` is the Eckart–Young optimum of
 ``ΔW`` at rank r, ``BᵀB = I`` and ``AAᵀ = I``.
 
-Opacus (feasibility note §5): ``A`` and ``B`` are frozen ``nn.Parameter`` s (not
+Opacus: ``A`` and ``B`` are frozen ``nn.Parameter`` s (not
 buffers) and ``R`` is a bias-free ``nn.Linear(r, r)`` child applied between them
 (``R.weight`` *is* the matrix R), which per-sample-gradient hooks support natively.
 """

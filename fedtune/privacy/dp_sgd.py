@@ -73,7 +73,7 @@ def per_example_positions(model: torch.nn.Module, batch: dict[str, torch.Tensor]
 
     HF BERT otherwise feeds buffers of shape ``(1, T)``, so a trainable position
     embedding gets a per-sample gradient of batch 1 and Opacus fails to stack them
-    (feasibility note §5).  Only full-parameter methods (Ferret ``trainable=all``) need it.
+    (in Opacus' per-sample hooks).  Only full-parameter methods (Ferret ``trainable=all``) need it.
     """
     trains_embedding = any(p.requires_grad for m in model.modules() if isinstance(m, torch.nn.Embedding)
                            for p in m.parameters(recurse=False))

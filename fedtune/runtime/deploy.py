@@ -7,7 +7,7 @@ one machine exercises exactly what participants run on theirs:
 
 * ``flower-superlink`` serves the Fleet, Control and Runtime APIs over one HTTP(S)
   port; ``--disable-runtime-dependency-installation`` because Flower's ``uv sync``
-  would otherwise fetch a CUDA torch for every run (feasibility note §2.6).
+  would otherwise fetch a CUDA torch for every run.
 * ``flower-supernode`` ``i`` gets ``--node-config "partition-id=i num-partitions=N"``
   (its partition of the named dataset) or, with ``data_paths``, also ``data-path=...``
   (its own local file; see :mod:`fedtune.flower.client_app`).  Each SuperNode needs its
