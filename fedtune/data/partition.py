@@ -58,8 +58,8 @@ def all_partitions(partitioner: Any, idx: list[int], num_clients: int) -> list[l
     """Every partition's sorted example indices, as ``partitioner.load_partition`` gives them.
 
     Why not just call ``load_partition`` for each client: each call builds a ``datasets``
-    view (about 2 ms), 20 s at 10,000 clients in every process that partitions (the
-    server and each client actor, ``simulations/bench_scale.py``).  ``idx`` is the ``idx``
+    view, which at thousands of clients dominates start-up in every process that
+    partitions (the server and each client actor, ``simulations/bench_scale.py``).  ``idx`` is the ``idx``
     column in the order the partitioner sees the rows.  IID shards are cut as
     ``Dataset.shard(n, i, contiguous=True)`` cuts them; Dirichlet partitions are read from
     the partitioner's own assignment once it is drawn; anything else (and a partitioner

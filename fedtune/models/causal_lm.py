@@ -8,11 +8,10 @@ the ``gguf`` package) dequantises it into a ``LlamaForCausalLM`` in fp32: 30 lay
 hidden 576, 49,152-token vocabulary, ``lm_head`` tied to the input embeddings,
 134,515,008 parameters.
 
-Dequantising takes 12-15 s on two idle cores, so the fp32 checkpoint (and the
+Dequantising is slow, so the fp32 checkpoint (and the
 tokenizer, with its chat template) is written once to an on-disk cache
 (``model.cache_dir``, default ``$FEDTUNE_CACHE_DIR`` or ``~/.cache/fedtune``) by an
-atomic directory rename; later loads, in any process, read the safetensors in about a
-second.  Within a process the :class:`~fedtune.runtime.workspace.Workspace` caches
+atomic directory rename; later loads, in any process, read the safetensors.  Within a process the :class:`~fedtune.runtime.workspace.Workspace` caches
 the built model.  The ``quantization_config`` the GGUF loader leaves on the config is
 dropped, so peft adapters and ``save_pretrained`` see a plain fp32 model.
 
@@ -142,7 +141,7 @@ def strip_quantization(model: Any) -> Any:
 
 
 def load_from_gguf() -> tuple[Any, Any]:
-    """``(LlamaForCausalLM fp32, tokenizer)`` dequantised from the packaged GGUF (12-15 s)."""
+    """``(LlamaForCausalLM fp32, tokenizer)`` dequantised from the packaged GGUF (slow: cached)."""
     _offline()
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer

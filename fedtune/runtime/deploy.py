@@ -18,7 +18,7 @@ one machine exercises exactly what participants run on theirs:
 * ``warm=True``: the SuperLink and SuperNodes run with ``--isolation process`` and one
   :mod:`fedtune.runtime.warm_superexec` serves them all, forking each app process from
   a parent that imported torch once (Flower's own SuperExec starts a fresh interpreter
-  per message: ~10 CPU s of imports for ~3 s of work on the tiny model).
+  per message, whose imports cost more than the work on a small model).
 
 Secure by default: TLS plus SuperNode authentication with trial credentials from
 :mod:`fedtune.runtime.credentials`; every node's public key is registered with

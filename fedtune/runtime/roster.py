@@ -6,8 +6,8 @@ server asks each one (the roll-call, :class:`~fedtune.flower.strategy.FedtuneStr
 In a simulation run by ``fedtune run`` the answer already exists in this process: Flower's
 engine registers the virtual nodes itself (``vce_api._register_nodes``) and gives node
 ``n`` the node config ``partition-id = mapping[n]``.  Reading that map costs nothing,
-where a roll-call is one ClientApp call per virtual client (about 13 ms each on 2 cores:
-over two minutes at 10,000 clients, ``simulations/bench_scale.py``).
+where a roll-call is one ClientApp call per virtual client, which grows with the
+federation (measured in ``simulations/bench_scale.py``).
 
 :func:`capture_roster` records the map while one ``run_simulation`` runs (through
 :mod:`fedtune.runtime.flower_private`: on another Flower version it says so in one line,

@@ -203,7 +203,7 @@ def serve(target: Target) -> NoReturn:
     finally:
         sys.stdout.flush()
         sys.stderr.flush()
-        # Skip the interpreter's teardown: with torch and transformers loaded it takes ~7 s.
+        # Skip the interpreter's teardown: with torch and transformers loaded it is slow.
         os._exit(code)
 
 
