@@ -21,7 +21,7 @@ from fedtune.flower.strategy import FedtuneStrategy
 from fedtune.privacy.client_level import ClientLevelDP
 from fedtune.registry import METHODS
 from fedtune.runtime.workspace import Workspace
-from test_fed_sb import LocalGrid, task_identity  # noqa: F401  (fixture)
+from method_testing import LocalGrid, task_identity  # noqa: F401  (fixture)
 
 BASE = "model=tiny dataset=tiny federation.num_clients=3 runtime.device=cpu train.local_steps=1"
 CDP = f"{BASE} privacy=client_dp strategy.weighting=uniform"

@@ -20,13 +20,13 @@ from typing import Any, Callable
 
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+from method_testing import LocalGrid
+from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
 from flwr.common.constant import ErrorCode
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedtune.comm.metered_grid import MeteredGrid
 from fedtune.config import FAULT_MALFORMED, compose
-from fedtune.flower.client_app import make_client_app
 from fedtune.flower.faults import EXTRA_KEY, InjectedFault, corrupt, expand_modes, fault_plan, with_faults
 from fedtune.flower.strategy import FedtuneStrategy
 from fedtune.registry import METHODS
@@ -247,31 +247,7 @@ def test_min_clients_keeps_the_global_state(task_identity: None, initial: dict, 
         assert all(torch.equal(strategy.global_arrays[k], initial[k]) for k in initial)
 
 
-# ----------------------------------------------------------------------------- the real ClientApp, in process
-class LocalGrid:
-    """Each node is the real ClientApp with its own Context; an exception becomes an error
-    reply, as Flower's simulation engine makes it."""
-
-    def __init__(self, cfg: Any, num_nodes: int) -> None:
-        self.app = make_client_app(cfg.to_dict())
-        self.contexts = {100 + i: Context(run_id=1, node_id=100 + i, state=RecordDict(), run_config={},
-                                          node_config={"partition-id": i, "num-partitions": num_nodes})
-                         for i in range(num_nodes)}
-
-    def get_node_ids(self) -> list[int]:
-        return list(self.contexts)
-
-    def send_and_receive(self, messages: Any, *, timeout: float | None = None) -> list[Message]:
-        out = []
-        for m in messages:
-            try:
-                out.append(self.app(m, self.contexts[m.metadata.dst_node_id]))
-            except Exception as exc:  # noqa: BLE001
-                reason = f"<class '{type(exc).__name__}'>:<'Exception ClientAppException occurred. Message: {exc}'>"
-                out.append(Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=m))
-        return out
-
-
+# ----------------------------------------------------------------------------- the real ClientApp, in process (LocalGrid)
 def _one_round(cfg: Any) -> tuple[FedtuneStrategy, list[Message]]:
     strategy = METHODS.get(cfg.strategy.name).strategy_cls.from_config(cfg)
     strategy.initialize(Workspace(cfg).initial_arrays())

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
+from method_testing import LocalGrid, task_identity  # noqa: F401  (a fixture)
+from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 from safetensors.torch import load_file
 from torch import nn
 
@@ -19,7 +19,6 @@ from fedtune.comm.ledger import payload_bytes
 from fedtune.comm.metered_grid import MeteredGrid
 from fedtune.config import compose
 from fedtune.errors import ConfigError, PayloadError
-from fedtune.flower.client_app import make_client_app
 from fedtune.flower.strategy import ClientUpdate
 from fedtune.models.lora_sb import (LoRASBModel, bases_of, full_weight_gradients, lora_sb_modules, set_bases,
                                     set_cores, update_approximation)
@@ -183,28 +182,6 @@ def test_only_cores_and_head_train_and_core_gradient_is_projected_full_gradient(
 
 
 # ----------------------------------------------------------------------------- protocol, (d) bytes
-class LocalGrid:
-    """An in-process grid: each node is the real ClientApp with its own persistent Context."""
-
-    def __init__(self, cfg: object, num_nodes: int) -> None:
-        self.app = make_client_app(cfg.to_dict())  # type: ignore[attr-defined]
-        self.contexts = {100 + i: Context(run_id=1, node_id=100 + i, state=RecordDict(), run_config={},
-                                          node_config={"partition-id": i, "num-partitions": num_nodes})
-                         for i in range(num_nodes)}
-
-    def get_node_ids(self) -> list[int]:
-        return list(self.contexts)
-
-    def send_and_receive(self, messages, *, timeout=None):  # type: ignore[no-untyped-def]
-        return [self.app(m, self.contexts[m.metadata.dst_node_id]) for m in messages]
-
-
-@pytest.fixture
-def task_identity(monkeypatch: pytest.MonkeyPatch) -> None:
-    for attr, value in (("_run_id", 1), ("_node_id", 1), ("_task_id", 1)):
-        monkeypatch.setattr(TaskIdentity, attr, value)
-
-
 @pytest.mark.parametrize("upload, grad_bytes", [("gradient", 4), ("sign", 1)])
 def test_setup_and_round_through_the_client_app(task_identity: None, upload: str, grad_bytes: int,
                                                tmp_path: Path) -> None:

@@ -30,7 +30,7 @@ from fedtune.registry import METHODS
 from fedtune.runtime.workspace import Workspace
 from fedtune.trainer import TrainContext
 from strategies.fedavg_lora import FedAvgLoRA
-from test_fed_sb import LocalGrid, task_identity  # noqa: F401  (fixture)
+from method_testing import LocalGrid, task_identity  # noqa: F401  (fixture)
 
 BASE = "model=tiny dataset=tiny federation.num_clients=3 runtime.device=cpu train.local_steps=3"
 DP = f"{BASE} privacy=dp_sgd"

@@ -31,7 +31,7 @@ from fedtune.flower.server_app import run_server
 from fedtune.privacy.accounting import load_history
 from fedtune.results.checkpoint import load_checkpoint
 from fedtune.results.store import TIMING_COLUMNS
-from test_fed_sb import LocalGrid, task_identity  # noqa: F401  (fixture)
+from method_testing import LocalGrid, task_identity  # noqa: F401  (fixture)
 
 BASE = "model=tiny dataset=tiny federation.num_clients=3 runtime.device=cpu eval.max_examples=16"
 DP_SGD = (f"{BASE} train.local_steps=1 num_rounds=3 privacy=dp_sgd privacy.target_epsilon=3 "
@@ -47,7 +47,7 @@ for attr in ("_run_id", "_node_id", "_task_id"):
     setattr(TaskIdentity, attr, 1)
 from fedtune.config import compose
 from fedtune.flower.server_app import run_server
-from test_fed_sb import LocalGrid
+from method_testing import LocalGrid
 cfg = compose(sys.argv[1])
 run_server(LocalGrid(cfg, cfg.federation.num_clients), cfg, Path(sys.argv[2]))
 """
