@@ -34,7 +34,7 @@ import threading
 import time
 from pathlib import Path
 
-from fedtune.runtime.processes import process_table
+from fedtune.runtime.processes import family
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from make_tiny_dataset import make_rows  # noqa: E402  (a sibling script, not a package)
@@ -42,19 +42,10 @@ from make_tiny_dataset import make_rows  # noqa: E402  (a sibling script, not a 
 ROWS_PER_TOPIC = 7_813  # 31,252 rows: 25,001 for training after the 20 % test split, > 2 per client at 10,000
 
 
-def _children() -> dict[int, list[int]]:
-    tree: dict[int, list[int]] = {}
-    for p in process_table():
-        tree.setdefault(p.ppid, []).append(p.pid)
-    return tree
-
-
 def tree_pss_bytes(root: int) -> int:
     """Sum of PSS over ``root`` and all its descendants (0 for processes gone meanwhile)."""
-    tree, todo, total = _children(), [root], 0
-    while todo:
-        pid = todo.pop()
-        todo.extend(tree.get(pid, []))
+    total = 0
+    for pid in family([root]):
         try:
             with open(f"/proc/{pid}/smaps_rollup") as fh:
                 total += next(int(line.split()[1]) for line in fh if line.startswith("Pss:")) * 1024

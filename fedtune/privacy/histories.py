@@ -25,7 +25,7 @@ from typing import Any
 
 from flwr.app import ConfigRecord, Message, RecordDict
 
-from fedtune.privacy.accounting import epsilon, extended, load_history, save_history
+from fedtune.privacy.accounting import extended, load_history, save_history
 from fedtune.results.state_codec import check_state_keys
 
 HISTORY_CONFIG = "dp-history"  # train-config key of a history given back after a resume
@@ -39,9 +39,6 @@ class AccountantHistories:
         self.accountant, self.local_steps = accountant, local_steps
         self.histories: dict[int, History] = {}
         self.owed: set[int] = set()  # clients to give their history back (after a resume)
-
-    def epsilon(self, partition_id: int, delta: float) -> float:
-        return epsilon(self.histories.get(partition_id, []), delta, self.accountant)
 
     def observe(self, replies: list[Message], partition_of_node: dict[int, int]) -> None:
         """Extend the history of every client that trained in these replies."""

@@ -33,9 +33,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import random
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +44,7 @@ from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
 from fedtune.results.state_codec import decode, encode
+from fedtune.results.store import atomic_write_bytes
 
 CHECKPOINT = "checkpoint.json"
 TENSORS_GLOB = "checkpoint-*.safetensors"
@@ -87,10 +86,10 @@ def save_checkpoint(run_dir: Path, server_round: int, strategy_state: dict[str, 
     blob = save_tensors(tensors)
     digest = hashlib.sha256(blob).hexdigest()
     name = f"checkpoint-{digest[:16]}.safetensors"
-    _write_atomic(run_dir / name, blob)
+    atomic_write_bytes(run_dir / name, blob, durable=True)
     manifest = {"format": FORMAT, "tensors": name, "tensors_sha256": digest,
                 "content_sha256": _digest(tree), "content": tree}
-    _write_atomic(run_dir / CHECKPOINT, json.dumps(manifest, allow_nan=False).encode())
+    atomic_write_bytes(run_dir / CHECKPOINT, json.dumps(manifest, allow_nan=False).encode(), durable=True)
     for stale in run_dir.glob(TENSORS_GLOB):
         if stale.name != name:
             stale.unlink(missing_ok=True)
@@ -134,22 +133,3 @@ def _digest(tree: Any) -> str:
     return hashlib.sha256(json.dumps(tree, sort_keys=True, separators=(",", ":"),
                                      allow_nan=False).encode()).hexdigest()
 
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    """``path`` holds ``data`` or what it held before, whatever happens (temp, fsync, rename)."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

@@ -34,17 +34,33 @@ METRIC_COLUMNS = [
 TIMING_COLUMNS = ("aggregate_seconds", "round_seconds", "wall_seconds")
 
 
-def atomic_write_text(path: Path, text: str) -> None:
+def atomic_write_bytes(path: Path, data: bytes, durable: bool = False) -> None:
+    """``path`` holds ``data`` or what it held before, whatever happens (temporary sibling,
+    then rename).  ``durable``: fsync the file and its directory first, so the rename also
+    survives a machine crash (checkpoints, whose manifest is the commit point)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
-            fh.write(text)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            if durable:
+                fh.flush()
+                os.fsync(fh.fileno())
         os.chmod(tmp, 0o644)  # mkstemp makes it private; results are for people to open
         os.replace(tmp, path)
+        if durable:
+            dir_fd = os.open(path.parent, os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def atomic_write_dir(path: Path, fill: Callable[[Path], None]) -> None:

@@ -123,7 +123,6 @@ def kill_session(session: int, timeout_s: float = 10.0) -> list[ProcessInfo]:
         time.sleep(0.05)
 
 
-
 def family(pids: list[int]) -> list[int]:
     """``pids`` and every process they spawned, their children, and so on (from the
     parent links of one read of the process table)."""
