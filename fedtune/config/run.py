@@ -68,7 +68,7 @@ def from_dict(data: dict[str, Any]) -> RunConfig:
     """Validate a composed config mapping and return the typed :class:`RunConfig`."""
     data = {k: v for k, v in data.items() if k != "hydra"}
     named = {section: _named_section(data, section) for section in NAMED_SECTIONS}
-    check_model_dataset(named["model"].name, named["dataset"].name)  # a causal LM needs an instruction task
+    check_model_dataset(named["model"], named["dataset"])  # a causal LM needs an instruction task
     rest = {k: v for k, v in data.items() if k not in named}
     cfg = build(RunConfig, {**rest, **{k: {} for k in named}}, "")
     for key, value in named.items():

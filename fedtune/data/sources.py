@@ -99,6 +99,13 @@ class DatasetSpec:
     config_cls: type
     encode: Callable[..., Any] | None = None
     kind: str = "classification"
+    kind_of: Callable[[Any], str] | None = None  # the kind read from the config (dataset=hf: dataset.format)
+
+
+def dataset_kind(dataset_cfg: Any) -> str:
+    """``"classification"`` or ``"instruction"`` for this dataset config."""
+    spec = DATASETS.get(dataset_cfg.name)
+    return spec.kind_of(dataset_cfg) if spec.kind_of is not None else spec.kind
 
 
 def _package_dir(module: str) -> Path:

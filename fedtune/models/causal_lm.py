@@ -220,14 +220,17 @@ def is_causal_lm(model: Any) -> bool:
     return type(inner).__name__.endswith("ForCausalLM")
 
 
-def check_model_dataset(model_name: str, dataset_name: str) -> None:
+def check_model_dataset(model_cfg: Any, dataset_cfg: Any) -> None:
     """Refuse a classifier on an instruction dataset and a causal LM on a classification one."""
-    model_kind, data_kind = MODELS.get(model_name).kind, DATASETS.get(dataset_name).kind
-    if model_kind == "causal_lm" and data_kind != "instruction":
+    from fedtune.data.sources import dataset_kind
+    from fedtune.models.zoo import model_kind
+
+    model_name, dataset_name = model_cfg.name, dataset_cfg.name
+    if model_kind(model_cfg) == "causal_lm" and dataset_kind(dataset_cfg) != "instruction":
         instruct = [n for n in DATASETS.names() if DATASETS.get(n).kind == "instruction"]
         raise ConfigError(f"dataset.name: model={model_name} is a causal LM and needs an instruction "
                           f"dataset ({', '.join(instruct)}), got dataset={dataset_name}")
-    if model_kind != "causal_lm" and data_kind == "instruction":
+    if model_kind(model_cfg) != "causal_lm" and dataset_kind(dataset_cfg) == "instruction":
         causal = [n for n in MODELS.names() if MODELS.get(n).kind == "causal_lm"]
         raise ConfigError(f"model.name: dataset={dataset_name} is an instruction task for a causal LM "
                           f"({', '.join(causal)}), got model={model_name}")

@@ -112,6 +112,13 @@ class ModelSpec:
     config_cls: type
     tokenizer: Callable[[Any], Any] | None = None
     kind: str = "classifier"
+    kind_of: Callable[[Any], str] | None = None  # the kind read from the config (model=hf: model.task)
+
+
+def model_kind(model_cfg: Any) -> str:
+    """``"classifier"`` or ``"causal_lm"`` for this model config (a registered option may decide per config)."""
+    spec = MODELS.get(model_cfg.name)
+    return spec.kind_of(model_cfg) if spec.kind_of is not None else spec.kind
 
 
 def _offline() -> None:
