@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from fedtune.models.zoo import minilm_dir
 from fedtune.config import CONFIG_DIR, ConfigError, RunConfig, compose
 from fedtune.config import composition
 from fedtune.config.run import NAMED_SECTIONS
@@ -27,6 +28,7 @@ PRESETS = sorted((CONFIG_DIR / "preset").glob("*/*.yaml"))
 OPTIONS = [(group, name) for group, registry in NAMED_SECTIONS.items() for name in registry.names()]
 # what an option needs beside it to be valid (a causal LM needs an instruction task; client-level DP a uniform mean)
 COMPANIONS = {("model", "smollm2"): ["dataset=bbc_instruct"], ("dataset", "bbc_instruct"): ["model=smollm2"],
+              ("model", "hf"): [f"model.path={minilm_dir()}", "model.lora.target_modules=[query,value]"],
               ("privacy", "client_dp"): ["strategy.weighting=uniform", "privacy.delta=1e-3"]}
 
 

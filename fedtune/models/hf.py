@@ -14,6 +14,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
+from fedtune.errors import ConfigError
 from fedtune.models.zoo import LoRAConfig, ModelSpec, _offline
 from fedtune.registry import MODELS
 
@@ -67,6 +68,8 @@ def hf_task(cfg: HFModelConfig) -> str:
     """``causal_lm`` or ``classification``: ``model.task``, else read from the checkpoint's config."""
     if cfg.task != "auto":
         return cfg.task
+    if not cfg.path:
+        raise ConfigError("model.path is required for model=hf: a hub id or a local folder that from_pretrained loads")
     archs = _architectures(cfg.path, cfg.revision, cfg.trust_remote_code)
     return "causal_lm" if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs) else "classification"
 
