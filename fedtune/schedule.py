@@ -31,8 +31,10 @@ def round_lr(schedule: str, lr: float, lr_min: float, server_round: int, num_rou
         return lr
     if schedule != "cosine":
         raise ValueError(f"lr_schedule: unknown {schedule!r}; accepted: {', '.join(SCHEDULES)}")
-    t = min(max(server_round - 1, 0), num_rounds - 1) / (num_rounds - 1)
-    return lr_min + 0.5 * (lr - lr_min) * (1.0 + math.cos(math.pi * t))
+    k = min(max(server_round - 1, 0), num_rounds - 1)
+    if k in (0, num_rounds - 1):  # the end points exactly, not up to rounding
+        return lr if k == 0 else lr_min
+    return lr_min + 0.5 * (lr - lr_min) * (1.0 + math.cos(math.pi * k / (num_rounds - 1)))
 
 
 def warmup_factor(warmup_steps: int, step: int) -> float:
