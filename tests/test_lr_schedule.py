@@ -9,10 +9,12 @@ from __future__ import annotations
 import math
 
 import pytest
+import torch
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from fedtune.config import compose
 from fedtune.errors import ConfigError
+from fedtune.privacy.dp_sgd import with_privacy
 from fedtune.schedule import method_lr, round_lr, warmup_factor
 from fedtune.runtime.workspace import Workspace
 from fedtune.trainer import TrainContext
@@ -35,19 +37,22 @@ def test_warmup_is_linear_over_the_first_steps() -> None:
     assert [warmup_factor(0, s) for s in range(3)] == [1.0, 1.0, 1.0]
 
 
-@pytest.mark.parametrize("optimizer", ["adamw", "sgd"])
-def test_the_local_optimizer_steps_at_the_scheduled_lr(optimizer: str) -> None:
-    """A real local training call (FedAvg-LoRA's trainer); the lr read from the optimizer
-    at every step.  Rounds of 3: 1e-2, 5.5e-3, 1e-3; warmup over 2 steps halves step 0."""
+@pytest.mark.parametrize("optimizer, privacy", [
+    ("adamw", ""), ("sgd", ""), ("adamw", "privacy=dp_sgd privacy.noise_multiplier=1.0 privacy.target_epsilon=null")])
+def test_the_local_optimizer_steps_at_the_scheduled_lr(optimizer: str, privacy: str) -> None:
+    """A real local training call (FedAvg-LoRA's trainer, behind the DP wrapper as the
+    ClientApp runs it); the lr read from the optimizer at every step.  Rounds of 3: 1e-2,
+    5.5e-3, 1e-3; warmup over 2 steps halves step 0."""
     cfg = compose(f"{BASE} strategy=fedavg_lora num_rounds=3 train.local_steps=3 train.optimizer={optimizer} "
-                  "train.lr=1e-2 train.lr_min=1e-3 train.lr_schedule=cosine train.warmup_steps=2")
+                  f"train.lr=1e-2 train.lr_min=1e-3 train.lr_schedule=cosine train.warmup_steps=2 {privacy}")
     ws = Workspace(cfg)
-    model, seen = ws.model(), []
+    model, seen, state = ws.model(), [], {}
+    local = (torch.optim.AdamW, torch.optim.SGD)  # not Opacus' wrapper around them
     hook = register_optimizer_step_pre_hook(
-        lambda opt, args, kwargs: seen.append([g["lr"] for g in opt.param_groups]))
+        lambda opt, args, kwargs: seen.append([g["lr"] for g in opt.param_groups]) if type(opt) in local else None)
     try:
         for r in (1, 2, 3):
-            ws.trainer.train(model, ws.initial_arrays(), ws, TrainContext(r, 0, ws.device))
+            with_privacy(ws.trainer.train, cfg)(model, ws.initial_arrays(), ws, TrainContext(r, 0, ws.device, state))
     finally:
         hook.remove()
     expected = [lr * f for lr in (1e-2, 5.5e-3, 1e-3) for f in (0.5, 1.0, 1.0)]
@@ -77,3 +82,22 @@ def test_bad_schedules_are_one_line_before_ray(override: str, words: str) -> Non
     with pytest.raises(ConfigError) as err:
         compose(f"{BASE} {override}")
     assert str(err.value).startswith(words) and "\n" not in str(err.value)
+
+
+def test_a_cosine_run_resumes_only_over_its_own_num_rounds(tmp_path) -> None:
+    """The lr of a round depends on num_rounds: a resumed run keeps it, so it keeps its lrs."""
+    from dataclasses import replace
+
+    from fedtune.flower.server_app import resume_point
+    from fedtune.results.checkpoint import save_checkpoint
+    from fedtune.results.store import METRIC_COLUMNS, csv_text
+
+    (tmp_path / "metrics.csv").write_text(csv_text(METRIC_COLUMNS, [{"round": r} for r in range(3)]))
+    cfg = compose(f"{BASE} num_rounds=4 train.lr_schedule=cosine")
+    save_checkpoint(tmp_path, 2, {}, cfg.to_dict())
+    resume_point(cfg, tmp_path)  # the same num_rounds: accepted
+    with pytest.raises(ValueError, match=r"anneals its lr over num_rounds=4 \(train.lr_schedule=cosine\)"):
+        resume_point(replace(cfg, num_rounds=6), tmp_path)
+    constant = compose(f"{BASE} num_rounds=4")
+    save_checkpoint(tmp_path, 2, {}, constant.to_dict())
+    resume_point(replace(constant, num_rounds=6), tmp_path)  # constant: num_rounds may grow, as before
