@@ -7,7 +7,8 @@ FedKSeed (Qin et al., ICML'24, arXiv 2312.06353), docs/methods.md#fedkseed.  The
    with the directions read from this process's bank (:mod:`fedtune.directions`,
    generated once per process when ``4·K·d ≤ strategy.direction_cache_mb`` MiB);
 2. draws τ seed indices (uniform, or from the Pro probabilities) and τ batches from
-   its seeded streams, runs :func:`~strategies.fedkseed.zo_steps` in eval mode on an
+   its seeded streams, runs :func:`~strategies.fedkseed.zo_steps` at the round's
+   ``η_r`` (:func:`fedtune.schedule.train_lr`) in eval mode on an
    fp32 master copy of θ (so ``θ+εz`` and ``θ−εz`` never drift, §5.9);
 3. uploads the τ ``(index, g)`` pairs (or the K per-seed sums).
 
@@ -30,9 +31,11 @@ from fedtune.data.batches import local_batches
 from fedtune.directions import SeedDirections, directions_for
 from fedtune.randomness import seed_pool, torch_generator
 from fedtune.registry import TRAINERS
+from fedtune.schedule import train_lr
+from fedtune.trainable import check_trainable
 from fedtune.trainer import TrainContext
 
-from strategies.fedkseed import SeedReplica, check_exact, encode_upload, is_tuned, zo_steps
+from strategies.fedkseed import SeedReplica, check_exact, encode_upload, zo_steps
 
 
 class SeededTrainer:
@@ -49,8 +52,9 @@ class SeededTrainer:
     def build_model(self, base: torch.nn.Module, cfg: RunConfig) -> torch.nn.Module:
         """Tune the parameters selected by ``strategy.trainable``, bound to one flat buffer."""
         self.check_config(cfg)
+        tuned = set(check_trainable([n for n, _ in base.named_parameters()], cfg.strategy.trainable))
         for name, p in base.named_parameters():
-            p.requires_grad_(is_tuned(name, cfg.strategy.trainable))
+            p.requires_grad_(name in tuned)
         params = dict((n, p) for n, p in base.named_parameters() if p.requires_grad)
         names = sorted(params)
         flat = torch.cat([params[n].detach().reshape(-1).float() for n in names])
@@ -110,7 +114,8 @@ class ZOSeedsTrainer(SeededTrainer):
 
         model.eval()
         theta = replica.theta.to(flat.device, copy=True)
-        grads, losses = zo_steps(theta, indices, directions(), loss_at, sc.eps, sc.lr, sc.grad_clip)
+        lr = train_lr(cfg, ctx.server_round, sc.lr)  # η_r: the server scales this round's sums by η_r/η
+        grads, losses = zo_steps(theta, indices, directions(), loss_at, sc.eps, lr, sc.grad_clip)
         flat.copy_(replica.theta)  # leave the process's model at the global state
         return {"start": replica.theta, "final": theta.cpu(), "indices": indices, "grads": grads,
                 "losses": losses, "replayed": replayed}

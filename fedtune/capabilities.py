@@ -76,6 +76,10 @@ class Capabilities:
     sum_only : the aggregate is a function of ``Σ_k p_k·upload_k`` taken key by key (so
         it could run under secure aggregation), with the conditions under which it is.
     identical_updates_fixed_point : identical client uploads aggregate to that upload.
+    lr_schedule : it follows ``train.lr_schedule`` across rounds (:mod:`fedtune.schedule`).
+    warmup : it follows ``train.warmup_steps`` within a round.
+    step_size : the config field the schedule starts from, the method's step size
+        (recorded per round as metrics.csv's ``lr``).
     """
 
     example_dp: Support = undeclared("that its local updates are DP-SGD steps")
@@ -83,6 +87,9 @@ class Capabilities:
     setup_on_client_data: str = ""
     sum_only: Support = undeclared("that its aggregate needs only the weighted sum of the uploads")
     identical_updates_fixed_point: bool = False
+    lr_schedule: Support = undeclared("that its step size follows train.lr_schedule")
+    warmup: Support = undeclared("that its local steps follow train.warmup_steps")
+    step_size: str = "train.lr"
 
 
 def nbytes(arrays: Mapping[str, Any]) -> int:

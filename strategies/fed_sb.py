@@ -46,7 +46,7 @@ from fedtune.flower.strategy import Arrays, ClientUpdate, FedtuneStrategy, weigh
 from fedtune.models.lora_sb import set_bases, update_approximation
 from fedtune.models.state import check_arrays, load_trainable_state
 from fedtune.registry import register_method
-from strategies.fedavg_lora import state_each_way, weighted_average
+from strategies.fedavg_lora import LOCAL_LR, state_each_way, weighted_average
 
 SETUP = "train.setup"
 GRAD_SUFFIX, CORE_SUFFIX = ".base.weight", ".sb_R.weight"
@@ -227,6 +227,7 @@ class FedSB(FedtuneStrategy):
 register_method(
     "fed_sb", FedSB, trainer="lora_sb", config_cls=FedSBConfig,
     capabilities=Capabilities(
+        lr_schedule=LOCAL_LR, warmup=LOCAL_LR,
         example_dp=Support(True, "its clients train R and the head with the shared first-order loop, which "
                                  "privacy=dp_sgd turns into DP-SGD"),
         client_dp=Support(True, "its global state is the uniform mean of the uploaded r×r cores and head",

@@ -30,6 +30,8 @@ from fedtune.registry import register_method
 
 FIRST_ORDER = Support(True, "its clients run the shared first-order loop (clients.local_steps), "
                             "which privacy=dp_sgd turns into DP-SGD")
+LOCAL_LR = Support(True, "its clients' optimizer is built, and its lr set every step, by the shared first-order "
+                         "loop (clients.local_steps)")
 PEFT_EXPORT = Export("peft LoRA adapter (+ head)", load=load_exported)
 
 
@@ -80,6 +82,7 @@ def state_each_way(strategy: FedtuneStrategy, partition_id: int, upload: Arrays)
 register_method(
     "fedavg_lora", FedAvgLoRA, trainer="lora_sgd", config_cls=FedAvgLoRAConfig,
     capabilities=Capabilities(
+        lr_schedule=LOCAL_LR, warmup=LOCAL_LR,
         example_dp=FIRST_ORDER,
         client_dp=Support(True, "its global state is the uniform mean of the uploaded A, B and head",
                           (UNIFORM_WEIGHTING,)),

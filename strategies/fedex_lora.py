@@ -31,7 +31,7 @@ from fedtune.flower.strategy import Arrays, ClientUpdate, weights_for
 from fedtune.models.export import load_exported
 from fedtune.models.state import load_trainable_state
 from fedtune.registry import register_method
-from strategies.fedavg_lora import FIRST_ORDER, weighted_average
+from strategies.fedavg_lora import FIRST_ORDER, LOCAL_LR, weighted_average
 from strategies.lora_math import module_factors, require_choice, residual_factors
 from strategies.merged_base import DELTA_MODES, MergedBaseStrategy
 
@@ -88,6 +88,7 @@ def fedex_bytes(strategy: FedExLoRA, partition_id: int, upload: Arrays) -> tuple
 register_method(
     "fedex_lora", FedExLoRA, trainer="lora_sgd_base_delta", config_cls=FedExLoRAConfig,
     capabilities=Capabilities(
+        lr_schedule=LOCAL_LR, warmup=LOCAL_LR,
         example_dp=FIRST_ORDER,
         client_dp=Support(False, "it folds the residual Σ p_k B_k A_k − B̄Ā of the clients' own products into "
                                  "the frozen base and sends it unnoised"),

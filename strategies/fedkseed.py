@@ -18,8 +18,12 @@ keeps one accumulator per seed, never reset, ``a_j ← a_j + Σ_k p_k Σ_{t: j_t
 
     θ = θ0 − η Σ_j a_j z_j,
 
-exact only for a constant η, zero weight decay and the same η everywhere (refused
-otherwise).  A client that was away any number of rounds needs only ``a``: it replays
+exact only for zero weight decay and the same η everywhere (refused otherwise).  Under
+``train.lr_schedule=cosine`` round r steps at ``η_r`` (:func:`fedtune.schedule.train_lr`
+from ``η = strategy.lr`` down to ``train.lr_min``, the same pure function on clients and
+server) and the server adds ``(η_r / η) Σ_k p_k Σ_t g`` to ``a``, so the replay stays
+``θ0 − η Σ_j a_j z_j``; a step size that changes within a round (``train.warmup_steps``)
+could not be replayed from the per-seed sums and is refused.  A client that was away any number of rounds needs only ``a``: it replays
 ``a − a_last`` onto its cached model, or ``a`` onto θ0 (:class:`SeedReplica`).
 
 Since the K seeds are fixed for the run, each process (server, Ray actor) generates the
@@ -40,6 +44,7 @@ the run seed (no one-time transfer).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, Callable
 
 import torch
 
@@ -50,27 +55,12 @@ from fedtune.errors import ConfigError
 from fedtune.flower.strategy import Arrays, ClientUpdate, FedtuneStrategy, weights_for
 from fedtune.randomness import seed_pool
 from fedtune.registry import register_method
+from fedtune.schedule import train_lr
+from fedtune.trainable import validate_trainable
 from strategies.seed_replay import SeedReplica, flatten, unflatten, zo_steps  # noqa: F401  (re-exported)
 
-# Which parameters are tuned: name substrings (None = every parameter); BERT names, then
-# Llama ones (model=smollm2: RMSNorms `*_layernorm.`/`model.norm.`, no biases).  SmolLM2's
-# lm_head is tied to the input embeddings and named once, `model.embed_tokens.weight`
-# (28.3 M), so it is tuned only under `all`; "lm_head." matches an untied head.
-TRAINABLE_PRESETS: dict[str, tuple[str, ...] | None] = {
-    "all": None,
-    "no_embeddings": ("encoder.", "pooler.", "classifier.", "embeddings.LayerNorm",
-                      "model.layers.", "model.norm.", "lm_head."),
-    "bias_and_head": ("bias", "LayerNorm", "pooler.", "classifier.", "layernorm.", "model.norm.", "lm_head."),
-    "head_and_norms": ("LayerNorm", "pooler.", "classifier.", "layernorm.", "model.norm.", "lm_head."),
-}
 ENCODINGS = ("pairs", "sums")
 PRO_CLIP = 1000.0
-
-
-def is_tuned(name: str, preset: str) -> bool:
-    """Whether parameter ``name`` is tuned under ``trainable: <preset>``."""
-    parts = TRAINABLE_PRESETS[preset]
-    return parts is None or any(p in name for p in parts)
 
 
 def check_exact(cfg) -> None:  # type: ignore[no-untyped-def]
@@ -127,15 +117,19 @@ def check_cache_mb(value: float) -> None:
 @dataclass
 class FedKSeedConfig(MethodConfig):
     """``strategy=fedkseed``.  Exact only with train.weight_decay=0 (anything else is refused);
-    train.lr / train.optimizer / train.local_steps are not used: ZO steps use the fields below.
+    train.lr / train.optimizer / train.local_steps are not used: ZO steps use the fields below;
+    train.lr_schedule / train.lr_min apply to ``lr`` (train.warmup_steps is refused).
 
         fedtune run strategy=fedkseed model=tiny dataset=tiny num_rounds=5            # a minute on CPU
         fedtune run strategy=fedkseed strategy.num_seeds=1024 strategy.trainable=all  # paper-style, slow
 
     num_seeds : K candidate seeds.       local_steps : τ ZO steps per round.
     batch_size : examples per ZO step.   eps : perturbation scale ε.
-    lr : the constant η (client steps and server replay).
-    trainable : tuned parameters, a key of :data:`TRAINABLE_PRESETS`.
+    lr : η (client steps and server replay); under ``train.lr_schedule=cosine`` the
+        schedule's maximum (round 1), annealed to ``train.lr_min`` in the last round.
+    trainable : tuned parameters: a preset name of :data:`fedtune.trainable.TRAINABLE_PRESETS`
+        or a list of Python regular expressions, a parameter being tuned when
+        ``re.search`` finds one of them in its name (``strategy.trainable='[classifier,LayerNorm]'``).
     encoding : upload ``pairs`` (τ index/value pairs) or ``sums`` (K per-seed sums).
     grad_clip : skip a step with ``|ℓ+ − ℓ−|`` above this (0 = off).
     weighting : ``examples`` or ``uniform`` client weights.
@@ -148,8 +142,8 @@ class FedKSeedConfig(MethodConfig):
     local_steps: int = 200  # tau ZO steps per client and round (paper: 200)
     batch_size: int = 1  # examples per ZO step (paper: 1)
     eps: float = 5e-4  # perturbation scale (paper zo_eps)
-    lr: float = 1e-3  # constant eta on clients and in the server replay (paper: 3e-7 for 1.3B params)
-    trainable: str = "head_and_norms"  # all | no_embeddings | bias_and_head | head_and_norms
+    lr: float = 1e-3  # eta on clients and in the server replay (paper: 3e-7 for 1.3B params); cosine: the max
+    trainable: Any = "head_and_norms"  # a preset (all | no_embeddings | bias_and_head | head_and_norms) or regexes
     encoding: str = "pairs"  # pairs (tau x (int16 index + fp32)) | sums (K fp32 per-seed sums)
     grad_clip: float = 0.0  # skip a step with |l+ - l-| above this (0 = off)
     direction_cache_mb: float = 1024.0  # per-process cap (MiB) on the K x d fp32 bank of directions
@@ -167,8 +161,7 @@ class FedKSeedConfig(MethodConfig):
                 raise ValueError(f"{key} must be a finite number > 0, got {getattr(self, key)}")
         if self.grad_clip < 0:
             raise ValueError(f"grad_clip must be >= 0 (0 = off), got {self.grad_clip}")
-        if self.trainable not in TRAINABLE_PRESETS:
-            raise ValueError(f"trainable: unknown {self.trainable!r}; accepted: {', '.join(TRAINABLE_PRESETS)}")
+        self.trainable = validate_trainable(self.trainable)
         if self.encoding not in ENCODINGS:
             raise ValueError(f"encoding: unknown {self.encoding!r}; accepted: {', '.join(ENCODINGS)}")
 
@@ -206,11 +199,14 @@ class FedKSeed(FedtuneStrategy):
         self.counts = torch.ones(num_seeds, dtype=torch.float64)    # over the history [0, g...]
         self.probabilities = torch.full((num_seeds,), 1.0 / num_seeds)
         self.replica: SeedReplica | None = None
+        self.round_lr: Callable[[int], float] = lambda server_round: self.config.lr  # η_r (from_config: schedule)
 
     @classmethod
     def from_config(cls, cfg) -> "FedKSeed":  # type: ignore[no-untyped-def]
         check_exact(cfg)
-        return super().from_config(cfg)  # type: ignore[return-value]
+        strategy = super().from_config(cfg)
+        strategy.round_lr = lambda server_round: train_lr(cfg, server_round, cfg.strategy.lr)  # as the clients'
+        return strategy  # type: ignore[return-value]
 
     def directions(self) -> SeedDirections:
         """This process's source of ``z_j`` (the cached bank when it fits the cap)."""
@@ -248,6 +244,9 @@ class FedKSeed(FedtuneStrategy):
                     clipped = u.arrays["values"].double().clamp(-PRO_CLIP, PRO_CLIP).abs()
                     self.abs_sum.index_add_(0, idx, clipped)
                     self.counts.index_add_(0, idx, torch.ones_like(clipped))
+        scale = self.round_lr(server_round) / self.config.lr  # 1 under a constant schedule: a untouched
+        if scale != 1.0:
+            delta *= scale
         self.accumulators = (self.accumulators.double() + delta).float()
         if self.pro:
             self.probabilities = pro_probabilities(self.abs_sum, self.counts)
@@ -292,6 +291,9 @@ ZEROTH_ORDER = Support(False, "FedKSeed's clients take zeroth-order steps and up
                               "see the README")
 SEEDS_NOT_AN_UPDATE = Support(False, "clients upload (seed index, scalar) pairs and are sent seed accumulators, "
                                      "so 'reply − global' is no model update to clip")
+ROUND_LR = Support(True, "η_r scales the clients' ZO steps and, as η_r/η, the server's accumulators, so the "
+                         "replay θ0 − η Σ a_j z_j stays exact")
+NO_WARMUP = Support(False, "a step size changing within a round cannot be replayed from per-seed sums of g")
 SEED_PAYLOAD = Payload(down="K per-seed accumulators (fp32; Pro: + K probabilities)",
                        up="τ (seed index, scalar) pairs, or K per-seed sums (fp32)", formula=fedkseed_bytes)
 TUNED_MODEL = Export("the tuned model (transformers save_pretrained)")
@@ -300,6 +302,7 @@ QUICK = ("strategy.num_seeds=256", "strategy.local_steps=40", "strategy.batch_si
 register_method(
     "fedkseed", FedKSeed, trainer="zo_seeds", config_cls=FedKSeedConfig,
     capabilities=Capabilities(
+        lr_schedule=ROUND_LR, warmup=NO_WARMUP, step_size="strategy.lr",
         example_dp=ZEROTH_ORDER, client_dp=SEEDS_NOT_AN_UPDATE,
         sum_only=Support(True, "the accumulators grow by Σ_k p_k of the clients' per-seed sums",
                          (Condition("encoding", "sums", "(index, value) pairs are lists, not vectors to add"),))),
@@ -307,6 +310,7 @@ register_method(
 register_method(
     "fedkseed_pro", FedKSeedPro, trainer="zo_seeds", config_cls=FedKSeedProConfig,
     capabilities=Capabilities(
+        lr_schedule=ROUND_LR, warmup=NO_WARMUP, step_size="strategy.lr",
         example_dp=ZEROTH_ORDER, client_dp=SEEDS_NOT_AN_UPDATE,
         sum_only=Support(False, "its seed probabilities follow every client's own |g| history")),
     payload=SEED_PAYLOAD, export=TUNED_MODEL, quick=QUICK)

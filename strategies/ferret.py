@@ -37,7 +37,7 @@ from __future__ import annotations
 import math
 import statistics
 from dataclasses import dataclass
-from typing import Union
+from typing import Any, Union
 
 import torch
 
@@ -47,7 +47,9 @@ from fedtune.flower.strategy import Arrays, ClientUpdate, FedtuneStrategy, weigh
 from fedtune.directions import SeedDirections, directions_for
 from fedtune.randomness import derive_seed, seed_pool
 from fedtune.registry import register_method
-from strategies.fedkseed import TRAINABLE_PRESETS, TUNED_MODEL, bad_indices, check_cache_mb, index_dtype
+from fedtune.trainable import validate_trainable
+from strategies.fedavg_lora import LOCAL_LR
+from strategies.fedkseed import TUNED_MODEL, bad_indices, check_cache_mb, index_dtype
 from strategies.seed_replay import SeedReplica, flatten, unflatten
 
 Bases = Union[torch.Tensor, SeedDirections]
@@ -157,7 +159,8 @@ class FerretConfig(MethodConfig):
     scaling : ``unbiased`` (1/(ρK_l)) or ``official`` (d_l/K_l).
     server_lr : η_s; default 1 (unbiased) or 3 (official), the same expected step.
     clip : per-(seed, block) norm bound on ``γ̄ v`` (0 = off; official 10).
-    trainable : tuned parameters, a key of ``TRAINABLE_PRESETS``.
+    trainable : tuned parameters: a preset name, or a list of regular expressions over
+        parameter names (``re.search``), as FedKSeed's (:mod:`fedtune.trainable`).
     weighting : ``examples`` or ``uniform`` (the official script).
     direction_cache_mb : per-process cap (MiB) on the bank of all K×d bases (0 = stream).
     """
@@ -167,7 +170,7 @@ class FerretConfig(MethodConfig):
     scaling: str = "unbiased"  # unbiased (1/(rho K_l) = 3 d_l/K_l) | official (d_l/K_l, E[update] = delta/3)
     server_lr: float | None = None  # null = 1 (unbiased) or 3 (official): same expected step; official script: 10
     clip: float = 10.0  # per-(seed, block) bound on ||gamma v|| (0 = off; official 10)
-    trainable: str = "head_and_norms"  # all | no_embeddings | bias_and_head | head_and_norms
+    trainable: Any = "head_and_norms"  # a preset (all | no_embeddings | bias_and_head | head_and_norms) or regexes
     direction_cache_mb: float = 1024.0  # per-process cap (MiB) on the K x d fp32 bank of all (seed, block) bases
 
     def __post_init__(self) -> None:
@@ -181,8 +184,7 @@ class FerretConfig(MethodConfig):
             raise ValueError(f"server_lr must be > 0 (or null for the default), got {self.server_lr}")
         if self.clip < 0:
             raise ValueError(f"clip must be >= 0 (0 = off), got {self.clip}")
-        if self.trainable not in TRAINABLE_PRESETS:
-            raise ValueError(f"trainable: unknown {self.trainable!r}; accepted: {', '.join(TRAINABLE_PRESETS)}")
+        self.trainable = validate_trainable(self.trainable)
 
     @property
     def step_size(self) -> float:
@@ -267,6 +269,7 @@ def ferret_bytes(strategy: Ferret, partition_id: int, upload: Arrays) -> tuple[i
 register_method(
     "ferret", Ferret, trainer="ferret", config_cls=FerretConfig,
     capabilities=Capabilities(
+        lr_schedule=LOCAL_LR, warmup=LOCAL_LR,
         example_dp=Support(True, "its clients run the shared first-order loop (clients.local_steps) before "
                                  "projecting, which privacy=dp_sgd turns into DP-SGD"),
         client_dp=Support(False, "clients upload per-client adaptive numbers of (seed, block) coordinates and are "

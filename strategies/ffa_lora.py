@@ -19,7 +19,8 @@ from dataclasses import dataclass
 from fedtune.capabilities import UNIFORM_WEIGHTING, Capabilities, Payload, Support
 from fedtune.flower.strategy import Arrays
 from fedtune.registry import register_method
-from strategies.fedavg_lora import FIRST_ORDER, PEFT_EXPORT, FedAvgLoRA, FedAvgLoRAConfig, state_each_way
+from strategies.fedavg_lora import (FIRST_ORDER, LOCAL_LR, PEFT_EXPORT, FedAvgLoRA, FedAvgLoRAConfig,
+                                    state_each_way)
 from strategies.lora_math import A_TAG
 
 
@@ -50,6 +51,7 @@ class FFALoRA(FedAvgLoRA):
 register_method(
     "ffa_lora", FFALoRA, trainer="lora_sgd_frozen_a", config_cls=FFALoRAConfig,
     capabilities=Capabilities(
+        lr_schedule=LOCAL_LR, warmup=LOCAL_LR,
         example_dp=FIRST_ORDER,
         client_dp=Support(True, "its global state is the uniform mean of the uploaded B and head",
                           (UNIFORM_WEIGHTING,)),

@@ -34,7 +34,7 @@ from fedtune.models.base_delta import fresh_adapter, load_non_lora
 from fedtune.models.export import load_exported
 from fedtune.randomness import torch_generator
 from fedtune.registry import register_method
-from strategies.fedavg_lora import FIRST_ORDER, weighted_average
+from strategies.fedavg_lora import FIRST_ORDER, LOCAL_LR, weighted_average
 from strategies.lora_math import lora_keys, module_factors, require_choice, stack_factors
 from strategies.merged_base import DELTA_MODES, MergedBaseStrategy
 
@@ -131,6 +131,7 @@ def flora_bytes(strategy: FLoRA, partition_id: int, upload: Arrays) -> tuple[int
 register_method(
     "flora", FLoRA, trainer="lora_fresh_rank", config_cls=FLoRAConfig,
     capabilities=Capabilities(
+        lr_schedule=LOCAL_LR, warmup=LOCAL_LR,
         example_dp=FIRST_ORDER,
         client_dp=Support(False, "it stacks the clients' factors and merges their products into the base: "
                                  "no mean of the upload"),

@@ -34,7 +34,7 @@ from fedtune.capabilities import Capabilities, Payload, Support
 from fedtune.config.method import MethodConfig
 from fedtune.flower.strategy import Arrays, ClientUpdate, FedtuneStrategy, weights_for
 from fedtune.registry import register_method
-from strategies.fedavg_lora import FIRST_ORDER, PEFT_EXPORT, state_each_way, weighted_average
+from strategies.fedavg_lora import FIRST_ORDER, LOCAL_LR, PEFT_EXPORT, state_each_way, weighted_average
 from strategies.lora_math import lora_pairs, module_factors, require_choice, weighted_product
 
 _TINY = 1e-30
@@ -196,6 +196,7 @@ class LoRAFAIR(FedtuneStrategy):
 register_method(
     "lora_fair", LoRAFAIR, trainer="lora_sgd", config_cls=LoRAFAIRConfig,
     capabilities=Capabilities(
+        lr_schedule=LOCAL_LR, warmup=LOCAL_LR,
         example_dp=FIRST_ORDER,
         client_dp=Support(False, "its B is corrected by a residual computed from every client's own product "
                                  "B_k A_k, which the noise on the mean does not cover"),

@@ -46,7 +46,8 @@ CASES: list[tuple[str, str, str]] = [
     ("federation=3", "federation", "federation must be a mapping, got int"),
     # train
     ("+train.momentum=0.9", "train.momentum",
-     "train.momentum is not a known field; accepted: batch_size, local_steps, lr, optimizer, weight_decay"),
+     "train.momentum is not a known field; accepted: batch_size, local_steps, lr, lr_min, lr_schedule, optimizer, "
+     "warmup_steps, weight_decay"),
     ("train.local_steps=0", "train.local_steps", "train.local_steps must be >= 1, got 0"),
     ("train.batch_size=2.5", "train.batch_size", "train.batch_size must be an integer, got 2.5"),
     ("train.lr=1e400", "train.lr", "train.lr must be a positive number, got inf"),

@@ -244,3 +244,32 @@ def test_client_and_server_results_are_the_same_with_and_without_the_direction_b
     # a g_t off by ~5e-5 (relative) moves θ by η·δg·‖z‖: measured 1.7e-6·‖θ‖ after two rounds
     assert float((banked - streamed).norm()) <= 1e-5 * float(streamed.norm())
     clear_banks()
+
+
+def test_under_a_cosine_schedule_the_server_replay_equals_the_clients_models(tiny) -> None:
+    """Rounds 1 and 2 of 3 at η_r = 1e-2, 5.5e-3: each client steps at η_r (its pairs replayed
+    at η_r give its model) and the server's model is the weighted mean of the clients'."""
+    cfg = compose(f"{BASE} strategy=fedkseed strategy.num_seeds=64 strategy.local_steps=20 strategy.batch_size=4 "
+                  "strategy.lr=1e-2 num_rounds=3 train.lr_schedule=cosine train.lr_min=1e-3")  # `tiny`: 1 thread
+    ws = Workspace(cfg)
+    model = ws.model()  # its own (strategy.lr differs): a process's cached replica replays at its run's η
+    strategy = FedKSeed.from_config(cfg)
+    ws.trainer.flat(model).copy_(ws.trainer.theta0(model))
+    strategy.initialize(trainable_state(model))
+    seeds = seed_pool(cfg.seed, 64, "fedkseed-pool")
+    for r, lr in ((1, 1e-2), (2, 5.5e-3)):
+        finals, updates = [], []
+        for pid, n in ((0, 10), (1, 30), (2, 60)):
+            out = ws.trainer.run(model, strategy.downlink(r, pid), ws, TrainContext(r, pid, ws.device))
+            at_lr = add_directions(out["start"].clone(), seeds, per_seed_sums(out["indices"], out["grads"], 64),
+                                   alpha=-lr)
+            assert float((at_lr - out["final"]).norm()) <= 1e-6 * float(out["final"].norm()), (r, pid)
+            finals.append(out["final"])
+            updates.append(ClientUpdate(pid, n, encode_upload(out["indices"], out["grads"], 64, "pairs"), {}))
+        expected = 0.1 * finals[0] + 0.3 * finals[1] + 0.6 * finals[2]
+        got = flatten(strategy.aggregate(r, updates))[2]
+        assert float((got - expected).norm()) <= 1e-6 * float(expected.norm()), r
+        assert float((got - out["start"]).norm()) > 1e-4 * float(expected.norm())  # the round moved the model
+    late = SeedReplica(strategy.replica.theta0, strategy.replay)  # a client away until now rebuilds the same
+    late.sync(strategy.accumulators)
+    assert float((late.theta - strategy.replica.theta).norm()) <= 1e-6 * float(late.theta.norm())

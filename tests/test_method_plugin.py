@@ -23,6 +23,7 @@ from method_testing import (check_declared_privacy, check_identical_updates, che
 import fedtune
 import fedtune.registry as registry
 from fedtune.config import compose
+from fedtune.errors import ConfigError
 from fedtune.registry import METHODS, TRAINERS, load_plugins
 
 NAME = "toy_head_avg"
@@ -123,6 +124,9 @@ def test_the_entry_point_registers_the_method_without_a_fedtune_file(toy_method:
     assert not any(p for d in ("fedtune", "strategies", "clients", "configs") for p in (repo / d).rglob(f"{NAME}*"))
     cfg = compose(["model=tiny", "dataset=tiny", f"strategy={NAME}"])
     assert type(cfg.strategy).__name__ == "ToyConfig" and cfg.strategy.weighting == "examples"
+    with pytest.raises(ConfigError, match=rf"^train\.lr_schedule=cosine is not supported by strategy={NAME}: "
+                                          "the method does not declare"):  # a capability it did not state
+        compose(["model=tiny", "dataset=tiny", f"strategy={NAME}", "train.lr_schedule=cosine"])
 
 
 def test_the_method_keeps_the_contract(toy_method: Path, task_identity: None) -> None:

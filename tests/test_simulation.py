@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 
 import pytest
+from omegaconf import OmegaConf
 from conftest import SIMULATION_OVERRIDES as OVERRIDES
 from conftest import without_control
 
@@ -35,6 +36,8 @@ def test_learns_and_writes_results(runs: list[Path]) -> None:
     rows = _rows(run_dir)
     assert [int(r["round"]) for r in rows] == [0, 1, 2, 3]
     assert list(rows[0]) == METRIC_COLUMNS
+    lr = float(OmegaConf.load(run_dir / "config.yaml").train.lr)  # train.lr_schedule=constant: every round at lr
+    assert rows[0]["lr"] == "" and [float(r["lr"]) for r in rows[1:]] == [lr] * 3
     assert float(rows[-1]["eval_accuracy"]) > float(rows[0]["eval_accuracy"])
     assert all(int(r["num_replies"]) == 4 and int(r["num_failures"]) == 0 for r in rows[1:])
     summary = json.loads((run_dir / "summary.json").read_text())

@@ -16,6 +16,7 @@ from fedtune.errors import ConfigError
 from fedtune.models.causal_lm import check_model_dataset
 from fedtune.privacy.options import NoPrivacyConfig
 from fedtune.registry import DATASETS, METHODS, MODELS, PRIVACY
+from fedtune.schedule import check_schedule
 from fedtune.schema import build, to_dict
 
 NAMED_SECTIONS = {"strategy": METHODS, "model": MODELS, "dataset": DATASETS, "privacy": PRIVACY}
@@ -74,4 +75,5 @@ def from_dict(data: dict[str, Any]) -> RunConfig:
     for key, value in named.items():
         setattr(cfg, key, value)
     PRIVACY.get(cfg.privacy.name).check(cfg)  # e.g. privacy=dp_sgd with a zeroth-order method: refused here
+    check_schedule(cfg)  # e.g. train.warmup_steps with a zeroth-order method: refused here
     return cfg

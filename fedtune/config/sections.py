@@ -11,6 +11,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from fedtune.schedule import SCHEDULES
+
 
 @dataclass
 class FederationConfig:
@@ -68,13 +70,22 @@ class PartitionConfig:
 
 @dataclass
 class TrainConfig:
-    """Local training on each sampled client (optimizer rebuilt every round, as FedIT does)."""
+    """Local training on each sampled client (optimizer rebuilt every round, as FedIT does).
+
+    lr_schedule : ``constant`` (every round at ``lr``) or ``cosine`` (FlowerTune's annealing
+        across rounds: round 1 at ``lr``, the last round at ``lr_min``; :mod:`fedtune.schedule`).
+    warmup_steps : linear warmup over a round's first local steps (step s at
+        ``min(1, (s+1)/warmup_steps)`` of the round's lr); 0 = off.
+    """
 
     local_steps: int = 5
     batch_size: int = 16
     lr: float = 1e-3
     weight_decay: float = 0.0
     optimizer: str = "adamw"  # adamw | sgd (rebuilt every round)
+    lr_schedule: str = "constant"  # constant | cosine (across rounds, lr -> lr_min)
+    lr_min: float = 0.0  # the last round's lr under cosine (FlowerTune: 1e-6 for lr 5e-5)
+    warmup_steps: int = 0  # linear warmup over the first local steps of every round (0 = off)
 
     def __post_init__(self) -> None:
         if self.local_steps < 1:
@@ -87,6 +98,12 @@ class TrainConfig:
             raise ValueError(f"weight_decay must be a finite number >= 0, got {self.weight_decay}")
         if self.optimizer not in ("adamw", "sgd"):
             raise ValueError(f"optimizer: unknown {self.optimizer!r}; accepted: adamw, sgd")
+        if self.lr_schedule not in SCHEDULES:
+            raise ValueError(f"lr_schedule: unknown {self.lr_schedule!r}; accepted: {', '.join(SCHEDULES)}")
+        if not (self.lr_min >= 0 and math.isfinite(self.lr_min)):
+            raise ValueError(f"lr_min must be a finite number >= 0, got {self.lr_min}")
+        if self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be >= 0 (0 = off), got {self.warmup_steps}")
 
 
 @dataclass

@@ -6,7 +6,8 @@ evaluates) it
 
 1. brings the server's copy of the DP accountant histories up to date
    (:mod:`fedtune.privacy.histories`, example-level DP only);
-2. appends round t's row to ``metrics.csv`` and prints one progress line;
+2. appends round t's row to ``metrics.csv`` (with the round's ``lr``, :func:`fedtune.schedule.method_lr`)
+   and prints one progress line;
 3. writes the checkpoint (:mod:`fedtune.results.checkpoint`; not for round 0);
 4. under ``faults.server_kill_round = t``, dies as a killed process does (SIGKILL), so
    ``fedtune run resume=RUN_DIR`` can be tested against the uninterrupted run.
@@ -26,6 +27,7 @@ from fedtune.flower.round_loop import RoundEnd, RoundHooks
 from fedtune.privacy.histories import AccountantHistories
 from fedtune.results.checkpoint import save_checkpoint
 from fedtune.results.store import RunStore
+from fedtune.schedule import method_lr
 
 
 def _mb(n: float) -> str:
@@ -90,7 +92,8 @@ class RunRecorder(RoundHooks):
                "aggregate_seconds": f"{info.aggregate_seconds:.4f}" if info else "0",
                "round_seconds": f"{now - self.last:.3f}", "wall_seconds": f"{now - self.t_start:.3f}",
                "epsilon": _cell(info.epsilon if info else math.nan), "heldout_loss": _cell(h_loss),
-               "heldout_accuracy": _cell(h_acc)}
+               "heldout_accuracy": _cell(h_acc),
+               "lr": repr(method_lr(cfg, server_round)) if server_round > 0 else ""}
         self.last = now
         self.store.add_round(row)
         first = self.store.rows[0]["eval_accuracy"]

@@ -95,6 +95,9 @@ def resume_point(cfg: RunConfig, out_dir: Path) -> tuple[dict[str, Any], list[di
             and saved_rounds != cfg.num_rounds):
         raise ValueError(f"resume: {out_dir} calibrated its DP noise to num_rounds={saved_rounds} "
                          "(privacy.planned_rounds unset); resume it with that num_rounds")
+    if cfg.train.lr_schedule != "constant" and saved_rounds != cfg.num_rounds:
+        raise ValueError(f"resume: {out_dir} anneals its lr over num_rounds={saved_rounds} "
+                         f"(train.lr_schedule={cfg.train.lr_schedule}); resume it with that num_rounds")
     if checkpoint["round"] > cfg.num_rounds:
         raise ValueError(f"resume: {out_dir} is checkpointed at round {checkpoint['round']}, "
                          f"past num_rounds={cfg.num_rounds}")

@@ -93,10 +93,12 @@ def _release(params: list[torch.nn.Parameter]) -> None:
 
 
 def _descend(model: torch.nn.Module, optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter],
-             encoded: Any, batches: Iterator[torch.Tensor], device: torch.device) -> list[float]:
+             encoded: Any, batches: Iterator[torch.Tensor], device: torch.device,
+             before_step: Callable[[torch.optim.Optimizer, int], None]) -> list[float]:
     """The DP-SGD steps themselves; the batch losses."""
     losses = []
-    for idx in batches:
+    for step, idx in enumerate(batches):
+        before_step(optimizer, step)  # the step's lr (warmup), on the wrapped optimizer's param groups
         optimizer.zero_grad(set_to_none=True)
         if len(idx):
             batch = encoded.batch(idx, device)
@@ -111,8 +113,12 @@ def _descend(model: torch.nn.Module, optimizer: torch.optim.Optimizer, params: l
 
 
 def run_private_steps(model: torch.nn.Module, workspace: Any, ctx: Any,
-                      make_optimizer: Callable[[list[torch.nn.Parameter], Any], torch.optim.Optimizer]) -> float:
+                      make_optimizer: Callable[[list[torch.nn.Parameter], Any], torch.optim.Optimizer],
+                      before_step: Callable[[torch.optim.Optimizer, int], None]) -> float:
     """``train.local_steps`` DP-SGD steps on the trainable parameters; return the mean loss.
+
+    ``make_optimizer(params, cfg)`` builds the optimizer at the round's lr and
+    ``before_step(optimizer, step)`` sets each step's (:class:`clients.local_steps.StepLR`).
 
     The client's accountant history is read from and written back to ``ctx.state``.
     Dropout is seeded from ``("train", round, pid)`` and the noise from
@@ -144,7 +150,8 @@ def run_private_steps(model: torch.nn.Module, workspace: Any, ctx: Any,
         with warnings.catch_warnings():  # hooks after a frozen first layer: torch warns every step, harmlessly
             warnings.filterwarnings("ignore", message="Full backward hook is firing")
             losses = _descend(model, optimizer, params, encoded, private_batches(indices, cfg, ctx.server_round,
-                                                                                 ctx.partition_id), ctx.device)
+                                                                                 ctx.partition_id), ctx.device,
+                              before_step)
     finally:
         hooks.cleanup()
         _release(params)

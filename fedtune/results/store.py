@@ -30,6 +30,7 @@ METRIC_COLUMNS = [
     "round", "strategy", "sampled_clients", "num_replies", "num_failures", "failed_clients", "train_loss", "eval_loss",
     "eval_accuracy", "bytes_up", "bytes_down", "payload_up", "payload_down", "cumulative_bytes",
     "aggregate_seconds", "round_seconds", "wall_seconds", "epsilon", "heldout_loss", "heldout_accuracy",
+    "lr",
 ]
 TIMING_COLUMNS = ("aggregate_seconds", "round_seconds", "wall_seconds")
 
