@@ -107,7 +107,8 @@ def test_tensorboard_holds_every_row_the_config_and_the_plots(same_seed_runs: li
 
 # ----------------------------------------------------------------------------- MLflow
 @pytest.mark.simulation
-def test_mlflow_continues_the_killed_run_without_a_duplicate_step(killed_then_resumed: dict[str, Any]) -> None:
+def test_mlflow_continues_the_killed_run_without_a_duplicate_step(killed_then_resumed: dict[str, Any],
+                                                                  tmp_path: Path) -> None:
     from mlflow.tracking import MlflowClient
 
     run_dir = killed_then_resumed["dir"]  # conftest.py: tracking=mlflow, killed after round 2, resumed
@@ -131,7 +132,7 @@ def test_mlflow_continues_the_killed_run_without_a_duplicate_step(killed_then_re
 
     listed = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"plots", "adapter", "config.yaml", "metrics.csv", "ledger.csv", "summary.json"} <= listed
-    local = Path(client.download_artifacts(run.info.run_id, "", str(run_dir.parent / "downloaded")))
+    local = Path(client.download_artifacts(run.info.run_id, "", str(tmp_path)))  # not beside the run: the study reads that tree
     for name in ("metrics.csv", "summary.json", "adapter/adapter_model.safetensors", "plots/comm_vs_accuracy.png"):
         assert (local / name).read_bytes() == (run_dir / name).read_bytes(), name
     assert json.loads((local / "summary.json").read_text())["status"] == "completed"
