@@ -122,7 +122,8 @@ def same_seed_runs(tmp_path_factory: pytest.TempPathFactory, killed_then_resumed
     shutdown), taken as on a Flower version fedtune's internals were not checked against
     (``OTHER_FLWR``: the public-API fallback of every such feature, its defaults left on),
     one through the CLI on fedtune's defaults, killed after round 2 and resumed in a new
-    process (:func:`killed_then_resumed`).  Shared by the end-to-end tests
+    process (:func:`killed_then_resumed`).  The first is tracked in TensorBoard
+    (``tracking=tensorboard`` changes no result; tests/test_tracking.py reads it back).  Shared by the end-to-end tests
     (tests/test_simulation.py, tests/test_every_method_simulation.py) and the resume
     test, so the suite pays for them once."""
     from fedtune.config import compose

@@ -63,7 +63,7 @@ class MLflowRun(Tracker):
                                                        if local else None))
         tags = {"fedtune.run_dir": str(run_dir), "fedtune.strategy": cfg.strategy.name}
         if sweep is not None:
-            tags["fedtune.sweep"] = str(sweep)
+            tags["fedtune.sweep"] = str(sweep.resolve())
         self.run_id = self.client.create_run(experiment_id, run_name=run_dir.name, tags=tags).info.run_id
         self.params: dict[str, str] = {}
         write_state(run_dir, {"backend": "mlflow", "tracking_uri": uri, "experiment_id": experiment_id,
