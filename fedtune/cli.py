@@ -5,7 +5,8 @@
     fedtune run resume=RUN_DIR [num_rounds=N]   continue a killed run from its checkpoint
     fedtune run --help                   every config group and option
     fedtune plot RUN_DIR [RUN_DIR ...]   accuracy vs cumulative bytes, accuracy vs round (PNG)
-    fedtune list                         strategies, models, datasets and privacy options
+    fedtune run tracking=tensorboard|mlflow    also mirror the run into TensorBoard / MLflow (README "Watch a run")
+    fedtune list                         strategies, models, datasets, privacy and tracking options
     fedtune deploy start|stop|certs ...  a local SuperLink + SuperNodes trial (see README "Run across machines")
 
 Bad input (unknown names, out-of-range values, missing data) prints one line naming
@@ -49,10 +50,17 @@ def _hydra_entry() -> None:
 
         from fedtune.runtime.environment import quiet_libraries
 
-        out_dir = Path(HydraConfig.get().runtime.output_dir)
+        from hydra.types import RunMode
+
+        from fedtune.tracking import check_installed
+
+        hydra_cfg = HydraConfig.get()
+        out_dir = Path(hydra_cfg.runtime.output_dir)
+        sweep = Path(hydra_cfg.sweep.dir) if hydra_cfg.mode == RunMode.MULTIRUN else None  # groups tracked runs
         quiet_libraries()
         try:
             run_cfg = from_dict(OmegaConf.to_container(cfg, resolve=True))  # type: ignore[arg-type]
+            check_installed(run_cfg)  # tracking=tensorboard|mlflow without the extra: one line, before Ray
             from fedtune.runtime.workspace import Workspace
 
             from fedtune.privacy.accounting import check_delta
@@ -64,7 +72,7 @@ def _hydra_entry() -> None:
             _fail(str(exc) if isinstance(exc, ConfigError) else error_line(exc, []))
         from fedtune.runtime.simulation import simulate
 
-        summary = simulate(run_cfg, out_dir)
+        summary = simulate(run_cfg, out_dir, sweep=sweep)
         _report(summary, out_dir)
         return float(summary["final_accuracy"])
 
@@ -84,6 +92,7 @@ def _resume(args: list[str]) -> None:
 
     from fedtune.config.run import from_dict
     from fedtune.flower.server_app import resume_point
+    from fedtune.tracking import check_installed
 
     run_dir = Path(next(a for a in args if a.startswith("resume=")).partition("=")[2]).expanduser().resolve()
     extra = [a for a in args if not a.startswith("resume=")]
@@ -101,6 +110,7 @@ def _resume(args: list[str]) -> None:
     try:
         cfg = from_dict(data)  # type: ignore[arg-type]
         resume_point(cfg, run_dir)  # refuse before Ray starts
+        check_installed(cfg)
     except (ConfigError, ValueError, FileNotFoundError) as exc:
         _fail(str(exc))
     from fedtune.runtime.environment import quiet_libraries
@@ -127,12 +137,13 @@ def _plot(argv: list[str]) -> None:
 
 
 def _list() -> None:
-    from fedtune.registry import DATASETS, METHODS, MODELS, PRIVACY
+    from fedtune.registry import DATASETS, METHODS, MODELS, PRIVACY, TRACKING
 
     print("strategies:", ", ".join(METHODS.names()))
     print("models:    ", ", ".join(MODELS.names()))
     print("datasets:  ", ", ".join(DATASETS.names()))
     print("privacy:   ", ", ".join(PRIVACY.names()))
+    print("tracking:  ", ", ".join(TRACKING.names()))
 
 
 def main(argv: list[str] | None = None) -> None:

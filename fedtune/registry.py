@@ -91,6 +91,7 @@ TRAINERS: Registry[Callable[..., Any]] = Registry("client trainer", "trainer")
 MODELS: Registry[Callable[..., Any]] = Registry("model", "model.name")
 DATASETS: Registry[Callable[..., Any]] = Registry("dataset", "dataset.name")
 PRIVACY: Registry[Any] = Registry("privacy option", "privacy.name")  # fedtune.privacy.options.PrivacySpec
+TRACKING: Registry[Any] = Registry("tracking backend", "tracking.name")  # fedtune.tracking.options.TrackingSpec
 
 
 def register_method(name: str, strategy_cls: type, trainer: str, config_cls: type, *,
@@ -105,7 +106,8 @@ def register_method(name: str, strategy_cls: type, trainer: str, config_cls: typ
 _LOADED = False
 _ENTRY_POINTS: set[str] = set()
 BUILTIN = ("fedtune.models.zoo", "fedtune.models.causal_lm", "fedtune.models.hf", "fedtune.data.sources",
-           "fedtune.data.instruct", "fedtune.privacy.options", "fedtune.privacy.dp_sgd", "fedtune.privacy.client_level")
+           "fedtune.data.instruct", "fedtune.privacy.options", "fedtune.privacy.dp_sgd", "fedtune.privacy.client_level",
+           "fedtune.tracking.options")
 PACKAGES = ("clients", "strategies")
 
 

@@ -71,10 +71,11 @@ def load_study_main():  # type: ignore[no-untyped-def]
 
 def study_args(root: Path) -> list[str]:
     """``simulations/study.py`` arguments for one run of ``SIMULATION_OVERRIDES`` that the
-    server SIGKILLs after round 2's checkpoint (``faults.server_kill_round=2``)."""
+    server SIGKILLs after round 2's checkpoint (``faults.server_kill_round=2``), tracked in
+    MLflow (tests/test_tracking.py reads the resumed run back)."""
     extra = [o for o in SIMULATION_OVERRIDES.split() if not o.startswith(("seed=", "num_rounds="))]
     return ["--out", str(root), "--strategies", "fedavg_lora", "--seeds", "3", "--partitions", "dir0.5",
-            "--rounds", "3", "--target", "0.3", *extra, "faults.server_kill_round=2"]
+            "--rounds", "3", "--target", "0.3", *extra, "faults.server_kill_round=2", "tracking=mlflow"]
 
 
 def live_ray_processes() -> dict[int, str]:
@@ -121,7 +122,8 @@ def same_seed_runs(tmp_path_factory: pytest.TempPathFactory, killed_then_resumed
     shutdown), taken as on a Flower version fedtune's internals were not checked against
     (``OTHER_FLWR``: the public-API fallback of every such feature, its defaults left on),
     one through the CLI on fedtune's defaults, killed after round 2 and resumed in a new
-    process (:func:`killed_then_resumed`).  Shared by the end-to-end tests
+    process (:func:`killed_then_resumed`).  The first is tracked in TensorBoard
+    (``tracking=tensorboard`` changes no result; tests/test_tracking.py reads it back).  Shared by the end-to-end tests
     (tests/test_simulation.py, tests/test_every_method_simulation.py) and the resume
     test, so the suite pays for them once."""
     from fedtune.config import compose
@@ -131,7 +133,7 @@ def same_seed_runs(tmp_path_factory: pytest.TempPathFactory, killed_then_resumed
     run_dir = tmp_path_factory.mktemp("run0")
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(flower_private, "installed_version", lambda: OTHER_FLWR)
-        simulate(compose(SIMULATION_OVERRIDES), run_dir)
+        simulate(compose(f"{SIMULATION_OVERRIDES} tracking=tensorboard"), run_dir)  # read back: test_tracking.py
     return [run_dir, killed_then_resumed["dir"]]
 
 

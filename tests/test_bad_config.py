@@ -34,6 +34,11 @@ CASES: list[tuple[str, str, str]] = [
     ("federation.nope=1", "federation.nope",
      "federation.nope is not a known field; accepted: fraction, min_clients, num_clients, round_timeout"),
     ("privacy.delta=0.5", "privacy.delta", "privacy.delta is not a known field of privacy=none; accepted: name"),
+    ("tracking=wandb", "tracking", "tracking: unknown option 'wandb'; accepted: mlflow, none, tensorboard"),
+    ("tracking=tensorboard tracking.uri=http://x", "tracking.uri",
+     "tracking.uri is not a known field of tracking=tensorboard; accepted: name"),
+    ("tracking=mlflow tracking.experiment=''", "tracking.experiment",
+     "tracking.experiment must be a non-empty name or null, got ''"),
     ("train.lr=${oops}", "train.lr", "train.lr: Interpolation key 'oops' not found"),
     ("train.lr", "train.lr", "cannot parse the override 'train.lr': missing EQUAL"),
     # federation

@@ -2,7 +2,7 @@
 validation (:mod:`.run`), Hydra composition and its errors (:mod:`.composition`).
 
 Hydra composes the ``RunConfig`` schema with the groups ``strategy``, ``model``,
-``dataset`` and ``privacy`` (each option a registered dataclass); :func:`from_dict`
+``dataset``, ``privacy`` and ``tracking`` (each option a registered dataclass); :func:`from_dict`
 turns the composed, resolved mapping into a :class:`RunConfig`.  Modules inside
 fedtune import the submodules; this package re-exports them for everyone else.
 """

@@ -2,7 +2,7 @@
 
 The config dataclasses are Hydra structured configs: :func:`register_configs` stores
 the root schema (:class:`~fedtune.config.run.RunConfig`) and every registered option of
-the groups ``strategy``, ``model``, ``dataset`` and ``privacy`` (its dataclass, under
+the groups ``strategy``, ``model``, ``dataset``, ``privacy`` and ``tracking`` (its dataclass, under
 its registry name) in Hydra's ConfigStore.  ``configs/config.yaml`` only selects the
 options and sets Hydra's own settings; ``configs/preset/<group>/<option>.yaml``, where
 one exists, holds what choosing that option changes elsewhere (``model=tiny`` sets

@@ -1,7 +1,7 @@
 """The whole run's configuration, and its validation from a composed mapping.
 
 Sections whose shape depends on a registered name (``strategy``, ``model``,
-``dataset``, ``privacy``) are validated by the dataclass registered with that name
+``dataset``, ``privacy``, ``tracking``) are validated by the dataclass registered with that name
 (:mod:`fedtune.registry`), so ``strategy=fed_sb`` accepts exactly Fed-SB's fields.
 """
 
@@ -15,19 +15,21 @@ from fedtune.config.sections import (EvalConfig, FaultsConfig, FederationConfig,
 from fedtune.errors import ConfigError
 from fedtune.models.causal_lm import check_model_dataset
 from fedtune.privacy.options import NoPrivacyConfig
-from fedtune.registry import DATASETS, METHODS, MODELS, PRIVACY
+from fedtune.registry import DATASETS, METHODS, MODELS, PRIVACY, TRACKING
 from fedtune.schedule import check_schedule
 from fedtune.schema import build, to_dict
+from fedtune.tracking.options import NoTrackingConfig
 
-NAMED_SECTIONS = {"strategy": METHODS, "model": MODELS, "dataset": DATASETS, "privacy": PRIVACY}
+NAMED_SECTIONS = {"strategy": METHODS, "model": MODELS, "dataset": DATASETS, "privacy": PRIVACY, "tracking": TRACKING}
+OPTIONAL_SECTIONS = ("privacy", "tracking")  # absent from an older config.yaml: their "none"
 
 
 @dataclass
 class RunConfig:
     """Everything one federated run needs; the single source of truth for server and clients.
 
-    ``strategy``, ``model``, ``dataset`` and ``privacy`` hold the dataclass registered
-    under the chosen name (e.g. :class:`strategies.fed_sb.FedSBConfig`).
+    ``strategy``, ``model``, ``dataset``, ``privacy`` and ``tracking`` hold the dataclass
+    registered under the chosen name (e.g. :class:`strategies.fed_sb.FedSBConfig`).
     """
 
     strategy: Any
@@ -42,6 +44,7 @@ class RunConfig:
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     privacy: Any = field(default_factory=NoPrivacyConfig)
     faults: FaultsConfig = field(default_factory=FaultsConfig)
+    tracking: Any = field(default_factory=NoTrackingConfig)
 
     def __post_init__(self) -> None:
         if self.num_rounds < 1:
@@ -59,7 +62,7 @@ def section_class(section: str, name: str) -> type:
 
 
 def _named_section(data: dict[str, Any], section: str) -> Any:
-    raw = data.get(section, {"name": "none"} if section == "privacy" else None)
+    raw = data.get(section, {"name": "none"} if section in OPTIONAL_SECTIONS else None)
     if not isinstance(raw, dict) or "name" not in raw:
         raise ConfigError(f"{section}.name is missing; accepted: {', '.join(NAMED_SECTIONS[section].names())}")
     return build(section_class(section, raw["name"]), raw, section)

@@ -7,9 +7,12 @@ evaluates) it
 1. brings the server's copy of the DP accountant histories up to date
    (:mod:`fedtune.privacy.histories`, example-level DP only);
 2. appends round t's row to ``metrics.csv`` (with the round's ``lr``, :func:`fedtune.schedule.method_lr`)
-   and prints one progress line;
+   and prints one progress line, with the time left estimated from the measured round times
+   (:func:`time_left`);
 3. writes the checkpoint (:mod:`fedtune.results.checkpoint`; not for round 0);
-4. under ``faults.server_kill_round = t``, dies as a killed process does (SIGKILL), so
+4. mirrors the row into the run's tracker (:mod:`fedtune.tracking`; after the checkpoint,
+   so a resume knows which rounds the tracked run can hold);
+5. under ``faults.server_kill_round = t``, dies as a killed process does (SIGKILL), so
    ``fedtune run resume=RUN_DIR`` can be tested against the uninterrupted run.
 """
 
@@ -28,6 +31,7 @@ from fedtune.privacy.histories import AccountantHistories
 from fedtune.results.checkpoint import save_checkpoint
 from fedtune.results.store import RunStore
 from fedtune.schedule import method_lr
+from fedtune.tracking.base import Tracker
 
 
 def _mb(n: float) -> str:
@@ -39,6 +43,26 @@ def _cell(value: float) -> str:
     return "" if math.isnan(value) else f"{value:.6f}"
 
 
+def time_left(round_seconds: list[float], rounds_left: int) -> float | None:
+    """Seconds the ``rounds_left`` remaining rounds will take: the mean of the measured
+    ``round_seconds`` (rounds >= 1; round 0 only evaluates) times their number; ``None``
+    before any round was measured."""
+    if not round_seconds:
+        return None
+    return sum(round_seconds) / len(round_seconds) * max(rounds_left, 0)
+
+
+def format_time_left(seconds: float | None) -> str:
+    """``~6 min left`` (``~40 s``, ``~2.5 h``) for the progress line; ``""`` when unknown or done."""
+    if seconds is None or seconds <= 0:
+        return ""
+    if seconds < 60:
+        return f", ~{seconds:.0f} s left"
+    if seconds < 5400:
+        return f", ~{seconds / 60:.0f} min left"
+    return f", ~{seconds / 3600:.1f} h left"
+
+
 class RunRecorder(RoundHooks):
     """Metrics row, progress line, checkpoint and fault kill after every round (module doc).
 
@@ -48,11 +72,13 @@ class RunRecorder(RoundHooks):
     privacy : what else the checkpoint must hold, an object with ``state_dict()`` (the
         DP histories, or the client-level DP wrapper), or ``None``.
     t_start : ``time.perf_counter()`` at the run's start (earlier for a resumed run).
+    tracker : where the rows are mirrored (:func:`fedtune.tracking.open_tracker`); none by default.
     """
 
     def __init__(self, cfg: Any, store: RunStore, strategy: Any, privacy: Any = None,
-                 t_start: float | None = None) -> None:
+                 t_start: float | None = None, tracker: Tracker | None = None) -> None:
         self.cfg, self.store, self.strategy, self.privacy = cfg, store, strategy, privacy
+        self.tracker = tracker if tracker is not None else Tracker()
         self.t_start = time.perf_counter() if t_start is None else t_start
         self.last = time.perf_counter()
 
@@ -69,6 +95,7 @@ class RunRecorder(RoundHooks):
         if server_round > 0:
             save_checkpoint(self.store.dir, server_round, self.strategy.state_dict(), cfg.to_dict(),
                             self.privacy.state_dict() if self.privacy is not None else None)
+        self.tracker.log_row(server_round, self.store.rows[-1])
         if server_round and server_round == cfg.faults.server_kill_round:  # fault injection: die as a killed process does
             print(f"fedtune: faults.server_kill_round={server_round}: killing the server", flush=True)
             os.kill(os.getpid(), signal.SIGKILL)
@@ -103,7 +130,9 @@ class RunRecorder(RoundHooks):
         if row["epsilon"]:
             spent = f", {len(info.budget_spent)} out of budget" if info and info.budget_spent else ""
             fails += f"  eps {float(row['epsilon']):.3g}{spent}"
+        measured = [float(r["round_seconds"]) for r in self.store.rows if int(r["round"]) > 0]
+        left = format_time_left(time_left(measured, cfg.num_rounds - server_round))
         print(f"[round {server_round:>3}/{cfg.num_rounds}] acc {acc:.4f} (round 0: {float(first):.4f})  "
               f"eval loss {loss:.4f}  clients {row['num_replies']}/{len(info.sampled) if info else 0}{fails}  "
               f"up {_mb(totals['bytes_up'])} down {_mb(totals['bytes_down'])}  "
-              f"total {_mb(row['cumulative_bytes'])}  {now - self.t_start:.1f}s", flush=True)
+              f"total {_mb(row['cumulative_bytes'])}  {now - self.t_start:.1f}s{left}", flush=True)

@@ -5,7 +5,9 @@ Each round the global model is evaluated centrally on the held-out test split
 then writes a row to ``metrics.csv`` (atomically), the server's state to the checkpoint
 (atomically; :mod:`fedtune.results.checkpoint`) and one progress line to stdout.  At the
 end the final adapter is saved in peft format and ``summary.json`` is written last.
-``resume=True`` continues a run directory from its checkpoint.
+``resume=True`` continues a run directory from its checkpoint.  Under ``tracking=`` the
+run's tracker (:mod:`fedtune.tracking`) mirrors the config, every row and, at the end,
+the plots and the adapter.
 
 :func:`make_server_app` serves ``fedtune run`` (config in a closure); module-level
 :data:`app` serves ``flwr run`` and deployment (config composed from the run config's
@@ -14,6 +16,7 @@ end the final adapter is saved in peft format and ``summary.json`` is written la
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from datetime import datetime
@@ -36,6 +39,7 @@ from fedtune.results.store import RunStore, atomic_write_dir, read_metrics
 from fedtune.runtime.environment import quiet_libraries
 from fedtune.runtime.roster import SimulationRoster
 from fedtune.runtime.workspace import Workspace
+from fedtune.tracking import Tracker, open_tracker
 
 
 def versions() -> dict[str, str]:
@@ -83,6 +87,7 @@ def resume_point(cfg: RunConfig, out_dir: Path) -> tuple[dict[str, Any], list[di
     """
     checkpoint = load_checkpoint(out_dir)
     saved, now = dict(checkpoint["config"]), cfg.to_dict()
+    saved.setdefault("tracking", {"name": "none"})  # a checkpoint from before tracking= existed
     for d in (saved, now):
         d.pop("num_rounds", None)
         d["faults"] = {k: v for k, v in d["faults"].items() if k != "server_kill_round"}
@@ -106,12 +111,13 @@ def resume_point(cfg: RunConfig, out_dir: Path) -> tuple[dict[str, Any], list[di
 
 
 def run_server(grid: Grid, cfg: RunConfig, out_dir: Path, resume: bool = False,
-               roster: SimulationRoster | None = None) -> dict[str, Any]:
+               roster: SimulationRoster | None = None, sweep: Path | None = None) -> dict[str, Any]:
     """Run ``cfg.num_rounds`` rounds on ``grid``; write the run directory; return the summary.
 
     ``resume``: continue ``out_dir`` from its checkpoint (rounds after it only).
     ``roster``: the simulation engine's node map (:mod:`fedtune.runtime.roster`), which
-    replaces the roll-call; ``None`` in deployment.
+    replaces the roll-call; ``None`` in deployment.  ``sweep``: the Hydra multirun
+    directory of this job (its tracked runs are grouped by it).
     """
     quiet_libraries(cfg.runtime.log_level)
     store = RunStore(out_dir)
@@ -125,19 +131,27 @@ def run_server(grid: Grid, cfg: RunConfig, out_dir: Path, resume: bool = False,
     if checkpoint is not None:
         summary["resumed_from_round"] = checkpoint["round"]
     store.write_summary(summary)  # status "running" until the end: a killed run says so
+    tracker = Tracker()
     try:
-        summary.update(_run_rounds(grid, cfg, store, checkpoint, roster))
+        tracker = open_tracker(cfg, out_dir, sweep, checkpoint["round"] if checkpoint is not None else None)
+        tracker.log_config(cfg.to_dict())
+        tracker.replay(store.rows)  # a resumed run: the kept rounds its tracked run lacks
+        summary.update(_run_rounds(grid, cfg, store, checkpoint, roster, tracker))
         summary["status"] = "completed"
-        return summary
     except BaseException as exc:
         summary.update(status="failed", error=f"{type(exc).__name__}: {exc}")
+        with contextlib.suppress(Exception):  # the run's own error is the one to report
+            tracker.close("failed")
         raise
     finally:
         store.write_summary(summary)
+    tracker.log_artifacts(out_dir)  # summary.json is final: the tracker gets the finished directory
+    tracker.close(summary["status"])
+    return summary
 
 
 def _run_rounds(grid: Grid, cfg: RunConfig, store: RunStore, checkpoint: dict[str, Any] | None,
-                roster: SimulationRoster | None) -> dict[str, Any]:
+                roster: SimulationRoster | None, tracker: Tracker) -> dict[str, Any]:
     workspace = Workspace(cfg)
     check_delta(cfg, [len(p) for p in workspace.partitions()])  # δ < 1/n, before any client runs
     model = workspace.model()
@@ -169,7 +183,7 @@ def _run_rounds(grid: Grid, cfg: RunConfig, store: RunStore, checkpoint: dict[st
         set_rng_state(checkpoint["rng"])
         if isinstance(privacy, AccountantHistories):
             privacy.load_state_dict(checkpoint["privacy"])  # (client-level DP's: in runner.start)
-    recorder = RunRecorder(cfg, store, strategy, privacy, t_start)
+    recorder = RunRecorder(cfg, store, strategy, privacy, t_start, tracker)
     runner.start(grid=grid, initial_arrays=initial, num_rounds=cfg.num_rounds, evaluate_fn=evaluate_fn,
                  timeout=cfg.federation.round_timeout, resume=checkpoint, hooks=recorder)
 
@@ -200,11 +214,12 @@ def default_output_dir() -> Path:
 
 
 def make_server_app(cfg: RunConfig | None = None, out_dir: str | Path | None = None,
-                    resume: bool = False, roster: SimulationRoster | None = None) -> ServerApp:
+                    resume: bool = False, roster: SimulationRoster | None = None,
+                    sweep: Path | None = None) -> ServerApp:
     """A ServerApp for ``cfg`` (``None``: compose it from the run config's ``overrides``).
 
     ``resume`` (or the run config's ``resume = true`` under ``flwr run``): continue the
-    output directory from its checkpoint.  ``roster``: see :func:`run_server`.
+    output directory from its checkpoint.  ``roster``, ``sweep``: see :func:`run_server`.
     """
     app = ServerApp()
 
@@ -213,7 +228,7 @@ def make_server_app(cfg: RunConfig | None = None, out_dir: str | Path | None = N
         run_cfg = cfg if cfg is not None else compose(str(context.run_config.get("overrides", "")))
         target = out_dir or context.run_config.get("output-dir") or default_output_dir()
         run_server(grid, run_cfg, Path(str(target)).resolve(), resume or bool(context.run_config.get("resume", False)),
-                   roster)
+                   roster, sweep)
 
     return app
 

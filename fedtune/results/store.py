@@ -12,6 +12,10 @@ Layout of a run directory::
                      its tensors in checkpoint-<sha256[:16]>.safetensors (fedtune.results.checkpoint)
     adapter/         the final trainable state in peft format (PeftModel.from_pretrained)
 
+With ``tracking=tensorboard|mlflow`` (fedtune.tracking) also: ``tracking.json`` (which
+tracked run mirrors this directory), ``plots/`` (the end-of-run figures), and
+``tensorboard/`` (event files) or ``mlflow.db`` + ``mlartifacts/`` (the local MLflow store).
+
 Every file is written to a temporary sibling and ``os.replace``-d into place.
 """
 
@@ -33,6 +37,9 @@ METRIC_COLUMNS = [
     "lr",
 ]
 TIMING_COLUMNS = ("aggregate_seconds", "round_seconds", "wall_seconds")
+# Labels, not measurements: a tracker (fedtune.tracking) mirrors every other numeric column
+# (a list of one client id would read as a number); the round is its step.
+NON_METRIC_COLUMNS = ("round", "strategy", "sampled_clients", "failed_clients")
 
 
 def atomic_write_bytes(path: Path, data: bytes, durable: bool = False) -> None:

@@ -20,6 +20,7 @@ DEFAULT_ENV = {
     "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
     "RAY_DEDUP_LOGS": "0",
     "RAY_USAGE_STATS_ENABLED": "0",  # offline: Ray would try to report usage to its servers
+    "MLFLOW_DISABLE_TELEMETRY": "true",  # tracking=mlflow: the same for mlflow's usage reports
     "RAY_memory_usage_threshold": "0.9",
     "TOKENIZERS_PARALLELISM": "false",
     "MPLBACKEND": "Agg",

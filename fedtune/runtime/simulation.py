@@ -77,10 +77,11 @@ def attach_cluster(cfg: RunConfig) -> dict[str, Any]:
     return info
 
 
-def simulate(cfg: RunConfig, out_dir: str | Path, resume: bool = False) -> dict[str, Any]:
+def simulate(cfg: RunConfig, out_dir: str | Path, resume: bool = False, sweep: Path | None = None) -> dict[str, Any]:
     """Run ``cfg`` in simulation, write ``out_dir``, return its ``summary.json``.
 
     ``resume``: continue ``out_dir`` from its checkpoint (:func:`fedtune.flower.server_app.resume_point`).
+    ``sweep``: the Hydra multirun directory ``out_dir`` is a job of (groups its tracked runs).
     """
     quiet_libraries(cfg.runtime.log_level)
     import ray
@@ -97,7 +98,7 @@ def simulate(cfg: RunConfig, out_dir: str | Path, resume: bool = False) -> dict[
         drop_run_simulation_deprecation()
         with (fast_message_pump(cfg.runtime.fast_message_pump),
               capture_roster(cfg.runtime.node_map == "engine") as roster, quiet_actor_shutdown()):
-            run_simulation(server_app=make_server_app(cfg, out_dir, resume, roster),
+            run_simulation(server_app=make_server_app(cfg, out_dir, resume, roster, sweep),
                            client_app=make_client_app(cfg.to_dict()),
                            num_supernodes=cfg.federation.num_clients, backend_config=backend_config(cfg))
     finally:
