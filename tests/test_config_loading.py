@@ -25,6 +25,7 @@ from fedtune.config.run import NAMED_SECTIONS
 from fedtune.schema import to_dict
 
 PRESETS = sorted((CONFIG_DIR / "preset").glob("*/*.yaml"))
+EXPERIMENTS = sorted((CONFIG_DIR / "experiment").glob("*.yaml"))  # published setups: tests/test_experiments.py
 OPTIONS = [(group, name) for group, registry in NAMED_SECTIONS.items() for name in registry.names()]
 # what an option needs beside it to be valid (a causal LM needs an instruction task; client-level DP a uniform mean)
 COMPANIONS = {("model", "smollm2"): ["dataset=bbc_instruct"], ("dataset", "bbc_instruct"): ["model=smollm2"],
@@ -53,9 +54,9 @@ def _flatten(tree: dict, prefix: str = "") -> dict[str, object]:
 
 
 def test_the_config_files_only_select_and_preset() -> None:
-    """No option YAML repeats a section: only config.yaml and the presets exist."""
+    """No option YAML repeats a section: only config.yaml, the presets and the experiments exist."""
     files = sorted(p.relative_to(CONFIG_DIR).as_posix() for p in CONFIG_DIR.rglob("*.yaml"))
-    assert files == ["config.yaml", *(p.relative_to(CONFIG_DIR).as_posix() for p in PRESETS)]
+    assert files == sorted(["config.yaml", *(p.relative_to(CONFIG_DIR).as_posix() for p in [*PRESETS, *EXPERIMENTS])])
     root = yaml.safe_load((CONFIG_DIR / "config.yaml").read_text())
     assert set(root) == {"defaults", "hydra"}, "config.yaml sets run fields: they belong in RunConfig's dataclasses"
 
@@ -99,7 +100,7 @@ def config_copy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     ("# @package _global_\nmodel:\n  hiden_size: 8\n",
      "model.hiden_size is not a known field; accepted: hidden_size, initializer_range, intermediate_size"),
     ("# @package _global_\ntrain:\n  momentum: 0.9\n",
-     "train.momentum is not a known field; accepted: batch_size, local_steps, lr, optimizer, weight_decay"),
+     "train.momentum is not a known field; accepted: batch_size, local_steps, lr, lr_min, lr_schedule, optimizer, warmup_steps, weight_decay"),
     ("# @package _global_\ntrain:\n  lr: fast\n", "train.lr must be a number, got 'fast'"),
 ])
 def test_a_yaml_key_or_value_its_dataclass_does_not_accept_is_an_error(config_copy: Path, text: str,
