@@ -43,9 +43,15 @@ class Split:
 
 @dataclass
 class TextDataset:
+    """A labelled text dataset.  ``validation`` is carved from the training split only when
+    asked for (``dataset=hf dataset.validation_fraction``); ``train_columns`` holds the
+    training split's other named columns (e.g. ``category``), which ``partition.by`` may name."""
+
     train: Split
     test: Split
     label_names: list[str] = field(default_factory=list)
+    validation: Split = field(default_factory=lambda: Split([], []))
+    train_columns: dict[str, list[Any]] = field(default_factory=dict)
 
     @property
     def num_labels(self) -> int:

@@ -83,6 +83,9 @@ def simulate(cfg: RunConfig, out_dir: str | Path, resume: bool = False) -> dict[
     ``resume``: continue ``out_dir`` from its checkpoint (:func:`fedtune.flower.server_app.resume_point`).
     """
     quiet_libraries(cfg.runtime.log_level)
+    from fedtune.runtime.workspace import Workspace
+
+    Workspace(cfg).partitions()  # data present, readable, partitionable: a ConfigError before Ray (cached for the server)
     import ray
     from flwr.simulation import run_simulation
 
