@@ -37,15 +37,30 @@ from fedtune.registry import DATASETS
 
 FORMAT_FIELDS = {"alpaca": ("instruction", "input", "output"), "chat": ("messages",),
                  "prompt_completion": ("prompt", "completion"), "text_label": ("text", "label")}
-OPTIONAL_FIELDS = ("input", "category")  # used when the column exists (unless named in dataset.fields)
+OPTIONAL_FIELDS = ("input", "category")  # used when the column exists (required once renamed in dataset.fields)
 GENERATIVE = tuple(f for f in FORMAT_FIELDS if f != "text_label")
+
+
+@dataclass
+class FieldsConfig:
+    """The column that holds each role (``dataset.fields.output=response``); a format reads its own roles."""
+
+    instruction: str = "instruction"
+    input: str = "input"
+    output: str = "output"
+    messages: str = "messages"
+    prompt: str = "prompt"
+    completion: str = "completion"
+    text: str = "text"
+    label: str = "label"
+    category: str = "category"
 
 
 @dataclass
 class HFDatasetConfig(PackagedDatasetConfig):
     """``dataset=hf dataset.path=<file, folder or hub id> dataset.format=<format>`` (module doc).
 
-    fields : role -> column renames, e.g. ``{output: response}``; roles of the format and ``category``.
+    fields : the column of each role (:class:`FieldsConfig`), e.g. ``dataset.fields.output=response``.
     split, test_split : the training split; the test split ("" = carve ``test_fraction`` with ``split_seed``).
     validation_fraction : share of the training split carved as the validation split (0 = none).
     heldout : category values no client gets, evaluated apart (generative formats).
@@ -57,7 +72,7 @@ class HFDatasetConfig(PackagedDatasetConfig):
     path: str = ""
     revision: str = ""
     format: str = "alpaca"
-    fields: dict[str, str] = field(default_factory=dict)
+    fields: FieldsConfig = field(default_factory=FieldsConfig)
     split: str = "train"
     test_split: str = ""
     validation_fraction: float = 0.0
@@ -69,10 +84,6 @@ class HFDatasetConfig(PackagedDatasetConfig):
         super().__post_init__()
         if self.format not in FORMAT_FIELDS:
             raise ValueError(f"format: unknown {self.format!r}; accepted: {', '.join(FORMAT_FIELDS)}")
-        roles = (*FORMAT_FIELDS[self.format], "category")
-        for role in self.fields:
-            if role not in roles:
-                raise ValueError(f"fields: {role!r} is not a field of format={self.format}; accepted: {', '.join(roles)}")
         if not 0.0 <= self.validation_fraction < 1.0:
             raise ValueError(f"validation_fraction must be in [0, 1), got {self.validation_fraction}")
         if self.max_response_tokens < 1:
@@ -82,7 +93,10 @@ class HFDatasetConfig(PackagedDatasetConfig):
                              "a classifier cannot be scored on labels it never trained on")
 
     def column(self, role: str) -> str:
-        return self.fields.get(role, role)
+        return getattr(self.fields, role)
+
+    def renamed(self, role: str) -> bool:
+        return self.column(role) != role
 
 
 def hf_dataset_kind(cfg: HFDatasetConfig) -> str:
@@ -97,7 +111,7 @@ def _check_columns(cfg: HFDatasetConfig, table: Any, split: str) -> dict[str, st
         column = cfg.column(role)
         if column in present:
             out[role] = column
-        elif role not in OPTIONAL_FIELDS or role in cfg.fields:
+        elif role not in OPTIONAL_FIELDS or cfg.renamed(role):
             raise ConfigError(f"dataset.fields.{role}: column {column!r} not in split {split!r} of {cfg.path} "
                               f"(format={cfg.format}); columns present: {', '.join(present)}")
     return out
