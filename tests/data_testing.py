@@ -38,3 +38,15 @@ def data_files(tmp_path_factory: pytest.TempPathFactory) -> Path:
             if not (fmt == "chat" and kind == ".csv"):
                 write_dataset(data_path(root, fmt, kind), fmt)
     return root
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():  # type: ignore[no-untyped-def]
+    """Tiny models gain nothing from intra-op threads, and on a shared machine they lose a lot
+    (every op waits for busy cores): one thread for the module, then what it was."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

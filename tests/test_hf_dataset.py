@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from data_testing import FILE_KINDS, data_files, data_path, plain_llama, tiny_llama  # noqa: F401  (fixtures)
+from data_testing import FILE_KINDS, data_files, data_path, one_torch_thread, plain_llama, tiny_llama  # noqa: F401
 from hf_testing import DATA_FORMATS, examples, records
 from fedtune.config import compose
 from fedtune.data.chat_encoding import IGNORE

@@ -50,10 +50,9 @@ def generative_cells(values: dict[str, Any]) -> dict[str, str]:
         return {}
     cells = {col: _cell(float(values.get(key, math.nan))) for key, col in GENERATIVE_CELLS.items()}
     cells["eval_seconds"] = f"{float(values.get('eval-seconds', 0.0)):.3f}"
-    for key in sorted(values):
-        if "/" in key:
-            metric, _, category = key.partition("/")
-            cells[f"{metric.replace('-', '_')}/{category}"] = _cell(float(values[key]))
+    for key in sorted((k for k in values if "/" in k), key=lambda k: (k.partition("/")[2], k)):  # by category
+        metric, _, category = key.partition("/")
+        cells[f"{metric.replace('-', '_')}/{category}"] = _cell(float(values[key]))
     return cells
 
 
