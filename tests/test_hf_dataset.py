@@ -49,11 +49,16 @@ def test_every_format_and_file_kind_loads_the_same_examples(fmt: str, kind: str,
     assert expected_body in data.train.body + data.test.body
 
 
-def test_text_label_splits_exactly_as_dataset_csv(data_files: Path) -> None:
-    """The text_label path is dataset=csv's: the same seeded stratified split, example for example."""
-    path = data_path(data_files, "text_label", ".csv")
+@pytest.mark.parametrize("builtin", ["csv", "tiny"])
+def test_text_label_splits_exactly_as_dataset_csv_and_tiny(builtin: str, data_files: Path) -> None:
+    """The text_label path is dataset=csv's (and dataset=tiny's, on its shipped file): the same
+    seeded stratified split, example for example."""
+    from fedtune.data.sources import TINY_FILE
+
+    path = data_path(data_files, "text_label", ".csv") if builtin == "csv" else TINY_FILE
     ours = Workspace(hf_config(None, path, "text_label", "dataset.max_train_examples=30")).data
-    theirs = Workspace(compose(f"model=tiny dataset=csv dataset.path={path} dataset.max_train_examples=30")).data
+    where = f"dataset.path={path}" if builtin == "csv" else ""
+    theirs = Workspace(compose(f"model=tiny dataset={builtin} {where} dataset.max_train_examples=30")).data
     assert (ours.train, ours.test, ours.label_names) == (theirs.train, theirs.test, theirs.label_names)
 
 
@@ -92,7 +97,7 @@ def test_natural_partitions_by_category_with_heldout_values(data_files: Path, ti
     assert sorted(set(ws.data.heldout["test"].categories)) == ["music", "travel"]
     assert not {"music", "travel"} & set(ws.data.test.categories)
     dirichlet = Workspace(hf_config(tiny_llama, path, "chat", "partition.kind=dirichlet", "partition.by=category",
-                                    "partition.alpha=0.3", "partition.min_partition_size=2")).partitions()
+                                    "partition.alpha=1.0", "partition.min_partition_size=2")).partitions()
     assert sorted(i for p in dirichlet for i in p) == list(range(40))
 
 

@@ -10,6 +10,9 @@
                      ``train``/``test`` fixes the split).
 ``bbc_instruct``     BBC News topics as chat instructions for a causal LM, one category
                      held out (:mod:`fedtune.data.instruct`).
+``hf``               any file, folder or hub dataset ``datasets`` reads, as alpaca / chat /
+                     prompt_completion / text_label rows (:mod:`fedtune.data.hf_dataset`);
+                     ``csv`` and ``tiny`` are text_label files it splits identically.
 
 None ships a test split, so a seeded stratified split (``test_fraction``,
 ``split_seed``) makes the central held-out set; it is the same in every process.
