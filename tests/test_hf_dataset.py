@@ -193,11 +193,29 @@ def test_cli_refuses_bad_data_before_ray_and_leaves_no_run_directory(extra: str,
 
     monkeypatch.chdir(tmp_path)
     run_dir = tmp_path / "run"
-    args = ["run", f"model=hf", f"model.path={tiny_llama}", "dataset=hf",
+    args = ["run", "model=hf", f"model.path={tiny_llama}", "dataset=hf",
             f"dataset.path={data_path(data_files, 'alpaca', '.jsonl')}", *extra.split(), f"hydra.run.dir={run_dir}"]
     with pytest.raises(SystemExit) as exit_info:
         main(args)
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"fedtune: error: {want}"), err
-    assert not run_dir.exists() and "ray" not in sys.modules or not __import__("ray").is_initialized()
+    assert not run_dir.exists()
+    assert "ray" not in sys.modules or not sys.modules["ray"].is_initialized()
+
+
+def test_simulate_refuses_bad_data_before_ray_starts(data_files: Path, tiny_llama: Path, tmp_path: Path) -> None:
+    import sys
+
+    from fedtune.runtime.simulation import simulate
+
+    chat_csv = tmp_path / "chat.csv"
+    chat_csv.write_text('messages,category\n"[{\'role\': \'user\'}]",food\n')
+    for path, fmt, want in ((data_path(data_files, "alpaca", ".jsonl"), "prompt_completion",
+                             "dataset.fields.prompt: column 'prompt' not in"),
+                            (chat_csv, "chat", "dataset.fields.messages: row 0 of column 'messages' is not a list")):
+        with pytest.raises(ConfigError) as exc:
+            simulate(hf_config(tiny_llama, path, fmt), tmp_path / "run")
+        assert _line(exc).startswith(want), _line(exc)
+    assert not (tmp_path / "run").exists()
+    assert "ray" not in sys.modules or not sys.modules["ray"].is_initialized()
