@@ -220,12 +220,15 @@ def load_hf(cfg: HFDatasetConfig) -> TextDataset | GenerativeDataset:
     train, validation, test = _carve(rows.labels, n_train, cfg)
     held = set(cfg.heldout)
     train = _cap([i for i in train if rows.categories[i] not in held], cfg)
-    order = lambda idx, keep: [idx[j] for j in np.random.default_rng(cfg.split_seed).permutation(len(idx))  # noqa: E731
-                               if (rows.categories[idx[j]] in held) == keep]  # seeded order: max_examples samples fairly
+
+    def evaluated(idx: list[int], heldout: bool) -> PromptSplit:
+        """The seen (or held-out) examples of ``idx`` in a seeded order, so ``eval.max_examples`` samples fairly."""
+        order = np.random.default_rng(cfg.split_seed).permutation(len(idx)).tolist()
+        return rows.take([idx[j] for j in order if (rows.categories[idx[j]] in held) == heldout])
+
     columns = {**_scalar_columns(table, train), "category": [rows.categories[i] for i in train]}
-    return GenerativeDataset(rows.take(train), rows.take(order(test, False)), rows.take(order(validation, False)),
-                             heldout={"test": rows.take(order(test, True)),
-                                      "validation": rows.take(order(validation, True))},
+    return GenerativeDataset(rows.take(train), evaluated(test, False), evaluated(validation, False),
+                             heldout={"test": evaluated(test, True), "validation": evaluated(validation, True)},
                              label_names=names, train_columns=columns, max_response_tokens=cfg.max_response_tokens)
 
 
