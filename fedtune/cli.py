@@ -6,6 +6,7 @@
     fedtune run --help                   every config group and option
     fedtune plot RUN_DIR [RUN_DIR ...]   accuracy vs cumulative bytes, accuracy vs round (PNG)
     fedtune run tracking=tensorboard|mlflow    also mirror the run into TensorBoard / MLflow (README "Watch a run")
+    fedtune plot --metric rouge_l RUN_DIR   another metrics.csv column (rouge_l, exact_match, ...)
     fedtune list                         strategies, models, datasets, privacy and tracking options
     fedtune deploy start|stop|certs ...  a local SuperLink + SuperNodes trial (see README "Run across machines")
 
@@ -125,11 +126,13 @@ def _plot(argv: list[str]) -> None:
     parser.add_argument("run_dirs", nargs="+", type=Path, help="run directories (with metrics.csv)")
     parser.add_argument("--out", type=Path, default=None, help="where to write the PNGs (default: ./plots)")
     parser.add_argument("--title", default=None, help="figure title")
+    parser.add_argument("--metric", default="eval_accuracy",
+                        help="metrics.csv column on the y axis (default eval_accuracy; e.g. rouge_l, exact_match)")
     args = parser.parse_args(argv)
     from fedtune.plots import plot_runs
 
     try:
-        paths = plot_runs(args.run_dirs, args.out or Path("plots"), title=args.title)
+        paths = plot_runs(args.run_dirs, args.out or Path("plots"), title=args.title, metric=args.metric)
     except (FileNotFoundError, ValueError) as exc:
         _fail(str(exc))
     for p in paths:

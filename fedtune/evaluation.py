@@ -9,6 +9,10 @@ ranks first on the seen categories' test split, the **loss** is the mean next-to
 cross-entropy of the right answers' tokens.  :func:`evaluate_heldout` gives both on the
 held-out category, which no client ever trained on (generalisation).
 
+Generative datasets (``dataset=hf``, :class:`~fedtune.data.prompt_encoding.GenerativeEval`):
+greedy generation scored by Rouge-L and exact match, and the loss on response tokens
+(:mod:`fedtune.generation`).  :func:`central_metrics` is the server's one entry point.
+
 Candidates share their prompt: one forward pass over the prompts fills a KV cache,
 which is repeated once per candidate, and a second pass over the answers' tokens (at
 most four) scores all of them, about C times cheaper than C full sequences.
@@ -17,6 +21,7 @@ most four) scores all of them, about C times cheaper than C full sequences.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 
@@ -90,3 +95,19 @@ def evaluate_heldout(model: torch.nn.Module, data: Encoded | CausalEval, batch_s
     if not isinstance(data, CausalEval) or data.heldout is None:
         return math.nan, math.nan
     return choice_metrics(model, data.heldout, data, batch_size, device, max_examples)
+
+
+def central_metrics(model: torch.nn.Module, data: Any, eval_cfg: Any, device: torch.device) -> dict[str, float]:
+    """The server's metric record of one evaluation: ``eval-loss``, ``eval-accuracy``,
+    ``heldout-loss``, ``heldout-accuracy`` (NaN when no category is held out), and for a
+    generative dataset its generation metrics (:func:`fedtune.generation.generative_metrics`)."""
+    from fedtune.data.prompt_encoding import GenerativeEval
+
+    if isinstance(data, GenerativeEval):
+        from fedtune.generation import generative_metrics
+
+        return generative_metrics(model, data, eval_cfg.max_new_tokens, eval_cfg.batch_size, device,
+                                  eval_cfg.max_examples)
+    loss, acc = evaluate(model, data, eval_cfg.batch_size, device, eval_cfg.max_examples)
+    h_loss, h_acc = evaluate_heldout(model, data, eval_cfg.batch_size, device, eval_cfg.max_examples)
+    return {"eval-loss": loss, "eval-accuracy": acc, "heldout-loss": h_loss, "heldout-accuracy": h_acc}

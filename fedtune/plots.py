@@ -2,7 +2,8 @@
 
 ``comm_vs_accuracy.png``: global accuracy against cumulative bytes on the wire (log x),
 the figure that compares methods on both axes; ``accuracy_vs_round.png``: the same runs
-by round.  One line per run, labelled by strategy (plus the directory name when two
+by round.  ``fedtune plot --metric rouge_l`` draws another metrics.csv column instead
+(a generative dataset's ``rouge_l``, ``exact_match``, ``heldout_rouge_l``, ...).  One line per run, labelled by strategy (plus the directory name when two
 runs share a strategy).
 """
 
@@ -28,37 +29,49 @@ def _label(run_dir: Path) -> str:
     return rows[0]["strategy"] if rows else run_dir.name
 
 
-def plot_runs(run_dirs: list[Path], out_dir: Path, title: str | None = None) -> list[Path]:
-    """Write the two PNGs for ``run_dirs`` into ``out_dir``; return their paths."""
+def _evaluated(run_dir: Path, metric: str) -> list[dict[str, str]]:
+    """The rows of ``run_dir``'s metrics.csv where ``metric`` was measured."""
+    rows = read_metrics(run_dir)
+    if rows and metric not in rows[0]:
+        raise ValueError(f"--metric: {run_dir}/metrics.csv has no column {metric!r}; columns: {', '.join(rows[0])}")
+    rows = [r for r in rows if r[metric] not in ("", "nan") and not math.isnan(float(r[metric]))]
+    if not rows:
+        raise ValueError(f"{run_dir}: metrics.csv has no evaluated round yet")
+    return rows
+
+
+def plot_runs(run_dirs: list[Path], out_dir: Path, title: str | None = None,
+              metric: str = "eval_accuracy") -> list[Path]:
+    """Write the two PNGs for ``run_dirs`` into ``out_dir``; return their paths.
+
+    ``metric``: the metrics.csv column on the y axis (``rouge_l``, ``heldout_accuracy``, ...);
+    a metric other than ``eval_accuracy`` names the files ``comm_vs_<metric>.png`` and
+    ``<metric>_vs_round.png``."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    runs = []
-    for d in run_dirs:
-        rows = [r for r in read_metrics(d) if r["eval_accuracy"] not in ("", "nan")]
-        rows = [r for r in rows if not math.isnan(float(r["eval_accuracy"]))]
-        if not rows:
-            raise ValueError(f"{d}: metrics.csv has no evaluated round yet")
-        runs.append((Path(d), _label(Path(d)), rows))
+    runs = [(Path(d), _label(Path(d)), _evaluated(Path(d), metric)) for d in run_dirs]
     counts = Counter(label for _, label, _ in runs)
     out_dir.mkdir(parents=True, exist_ok=True)
+    stem = "accuracy" if metric == "eval_accuracy" else metric.replace("/", "_")
+    ylabel = "global test accuracy" if metric == "eval_accuracy" else metric
     paths = []
     for name, xkey, xlabel, logx in (
-        ("comm_vs_accuracy.png", "cumulative_bytes", "cumulative bytes on the wire (up + down)", True),
-        ("accuracy_vs_round.png", "round", "round", False),
+        (f"comm_vs_{stem}.png", "cumulative_bytes", "cumulative bytes on the wire (up + down)", True),
+        (f"{stem}_vs_round.png", "round", "round", False),
     ):
         fig, ax = plt.subplots(figsize=(7, 4.5))
         for d, label, rows in runs:
             shown = [r for r in rows if float(r[xkey]) > 0] if logx else rows  # round 0 sent nothing
             xs = [float(r[xkey]) for r in shown]
-            ys = [float(r["eval_accuracy"]) for r in shown]
+            ys = [float(r[metric]) for r in shown]
             ax.plot(xs, ys, marker="o", markersize=3, label=label if counts[label] == 1 else f"{label} ({d.name})")
         if logx:
             ax.set_xscale("log")
         ax.set_xlabel(xlabel)
-        ax.set_ylabel("global test accuracy")
+        ax.set_ylabel(ylabel)
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8)
         if title:

@@ -30,7 +30,8 @@ OPTIONS = [(group, name) for group, registry in NAMED_SECTIONS.items() for name 
 # what an option needs beside it to be valid (a causal LM needs an instruction task; client-level DP a uniform mean)
 COMPANIONS = {("model", "smollm2"): ["dataset=bbc_instruct"], ("dataset", "bbc_instruct"): ["model=smollm2"],
               ("model", "hf"): [f"model.path={minilm_dir()}", "model.lora.target_modules=[query,value]"],
-              ("privacy", "client_dp"): ["strategy.weighting=uniform", "privacy.delta=1e-3"]}
+              ("privacy", "client_dp"): ["strategy.weighting=uniform", "privacy.delta=1e-3"],
+              ("dataset", "hf"): ["dataset.format=text_label"]}  # the default model is a classifier
 
 
 def _defaults(cls: type, name: str) -> dict:

@@ -50,8 +50,9 @@ PARTITION_KINDS = ("iid", "dirichlet", "label")
 class PartitionConfig:
     """How the training split is divided among clients (flwr-datasets partitioners).
 
-    ``iid``: uniform; ``dirichlet``: label skew with concentration ``alpha``;
-    ``label``: one value of the column ``by`` (label, task, domain) per client.
+    ``iid``: uniform; ``dirichlet``: skew over the column ``by`` with concentration ``alpha``;
+    ``label``: one value of the column ``by`` per client (natural partitions).  ``by`` is
+    ``label`` or a column of the dataset (``dataset=hf``: ``category``, a task id, ...).
     """
 
     kind: str = "dirichlet"  # iid | dirichlet | label
@@ -106,13 +107,23 @@ class TrainConfig:
             raise ValueError(f"warmup_steps must be >= 0 (0 = off), got {self.warmup_steps}")
 
 
+EVAL_SPLITS = ("test", "validation")
+
+
 @dataclass
 class EvalConfig:
-    """Server-side evaluation of the global model on the held-out test split."""
+    """Server-side evaluation of the global model on the held-out test split.
+
+    ``split``: what the server scores, ``test`` or ``validation`` (``dataset=hf`` with
+    ``dataset.validation_fraction > 0``), so a tuning study never looks at the test split.
+    ``max_new_tokens``: greedy decoding's cap on a generative dataset (:mod:`fedtune.generation`).
+    """
 
     batch_size: int = 64
     max_examples: int = 0  # 0 = the whole test split
     every: int = 1  # evaluate the global model every N rounds (and the last)
+    split: str = "test"  # test | validation
+    max_new_tokens: int = 32
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -121,6 +132,10 @@ class EvalConfig:
             raise ValueError(f"max_examples must be >= 0, got {self.max_examples}")
         if self.every < 1:
             raise ValueError(f"every must be >= 1, got {self.every}")
+        if self.split not in EVAL_SPLITS:
+            raise ValueError(f"split: unknown {self.split!r}; accepted: {', '.join(EVAL_SPLITS)}")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
 
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")

@@ -94,7 +94,9 @@ def answer_ids(tokenizer, names: list[str]) -> list[list[int]]:  # type: ignore[
     return [tokenizer(n, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for n in names]
 
 
-def _left_pad(rows: list[list[int]], answers: list[list[int]], pad_id: int, keep: int) -> CausalEncoded:
+def left_pad(rows: list[list[int]], answers: list[list[int]], pad_id: int, keep: int) -> CausalEncoded:
+    """``rows`` left-padded to one width; ``labels`` holds each row's ``answer`` at the end of
+    the last ``keep`` positions (``-100`` elsewhere), as the module docstring explains."""
     width = max(len(r) for r in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
@@ -131,7 +133,7 @@ def encode_instruct(tokenizer, data, split: str,  # type: ignore[no-untyped-def]
     if split == "train":
         rows = prompts(data.train.texts)
         gold = [answers[y] for y in data.train.labels]
-        return _left_pad([p + a for p, a in zip(rows, gold)], gold, pad_id, keep)
+        return left_pad([p + a for p, a in zip(rows, gold)], gold, pad_id, keep)
     if split != "test":
         raise ValueError(f"unknown split {split!r}; expected 'train' or 'test'")
 
@@ -139,7 +141,7 @@ def encode_instruct(tokenizer, data, split: str,  # type: ignore[no-untyped-def]
         if not len(split_data):
             return None
         rows = prompts(split_data.texts)
-        enc = _left_pad(rows, [[]] * len(rows), pad_id, keep)
+        enc = left_pad(rows, [[]] * len(rows), pad_id, keep)
         return Prompts(enc.input_ids, enc.attention_mask, torch.tensor(split_data.labels, dtype=torch.long))
 
     seen = prompt_set(data.test)

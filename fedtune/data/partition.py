@@ -1,7 +1,10 @@
 """Split the training set among clients with flwr-datasets partitioners.
 
-The partitioners run on an in-memory ``datasets.Dataset`` of (index, label) rows, so
-nothing touches the hub, and every process computes the same partition from the seed.
+The partitioners run on an in-memory ``datasets.Dataset`` of (index, label, other named
+columns) rows, so nothing touches the hub, and every process computes the same partition
+from the seed.  ``partition.by`` names the column: ``label``, or one of the dataset's own
+(``dataset=hf``: ``category``, a task id, ...), whose values are coded as integers in
+sorted order.  A client left with no examples is a one-line error, before Ray starts.
 """
 
 from __future__ import annotations
@@ -13,8 +16,16 @@ from fedtune.errors import ConfigError
 from fedtune.randomness import derive_seed
 
 
-def partition_indices(labels: list[int], cfg: PartitionConfig, num_clients: int, seed: int) -> list[list[int]]:
-    """Return, for each partition id, the (sorted) indices of its training examples."""
+def _codes(values: list[Any]) -> list[int]:
+    index = {v: i for i, v in enumerate(sorted(set(values), key=str))}
+    return [index[v] for v in values]
+
+
+def partition_indices(labels: list[int], cfg: PartitionConfig, num_clients: int, seed: int,
+                      columns: dict[str, list[Any]] | None = None) -> list[list[int]]:
+    """Return, for each partition id, the (sorted) indices of its training examples.
+
+    ``columns``: the training split's other named columns, each as long as ``labels``."""
     from datasets import Dataset
     from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, NaturalIdPartitioner
 
@@ -24,10 +35,13 @@ def partition_indices(labels: list[int], cfg: PartitionConfig, num_clients: int,
             f"federation.num_clients: {num_clients} clients × partition.min_partition_size "
             f"{max(cfg.min_partition_size, 1)} exceeds the {n} training examples"
         )
-    data = Dataset.from_dict({"idx": list(range(n)), "label": list(labels)})
-    columns = [c for c in data.column_names if c != "idx"]
-    if cfg.kind != "iid" and cfg.by not in columns:
-        raise ConfigError(f"partition.by: unknown column {cfg.by!r}; accepted: {', '.join(columns)}")
+    named = {"label": list(labels), **{k: v for k, v in (columns or {}).items() if k not in ("idx", "label")}}
+    if cfg.kind != "iid" and cfg.by not in named:
+        raise ConfigError(f"partition.by: unknown column {cfg.by!r}; accepted: {', '.join(named)}")
+    table = {"idx": list(range(n))}
+    if cfg.kind != "iid":
+        table[cfg.by] = named[cfg.by] if cfg.by == "label" else _codes(named[cfg.by])
+    data = Dataset.from_dict(table)
     part_seed = derive_seed(seed, "partition") % (2**32)
     if cfg.kind == "iid":
         data = data.shuffle(seed=part_seed)
@@ -47,11 +61,17 @@ def partition_indices(labels: list[int], cfg: PartitionConfig, num_clients: int,
         partitioner = NaturalIdPartitioner(partition_by=cfg.by)
     partitioner.dataset = data
     try:
-        return all_partitions(partitioner, data["idx"], num_clients)
+        parts = all_partitions(partitioner, data["idx"], num_clients)
     except ValueError as exc:
         raise ConfigError(
             f"partition: {exc} (try a larger partition.alpha or a smaller partition.min_partition_size)"
         ) from None
+    empty = [pid for pid, p in enumerate(parts) if not p]
+    if empty:
+        raise ConfigError(f"partition: client {empty[0]} gets no examples ({len(empty)} of {num_clients} clients "
+                          f"are empty with partition.kind={cfg.kind}); raise partition.min_partition_size or "
+                          "partition.alpha, or use fewer federation.num_clients")
+    return parts
 
 
 def all_partitions(partitioner: Any, idx: list[int], num_clients: int) -> list[list[int]]:

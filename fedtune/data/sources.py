@@ -10,6 +10,9 @@
                      ``train``/``test`` fixes the split).
 ``bbc_instruct``     BBC News topics as chat instructions for a causal LM, one category
                      held out (:mod:`fedtune.data.instruct`).
+``hf``               any file, folder or hub dataset ``datasets`` reads, as alpaca / chat /
+                     prompt_completion / text_label rows (:mod:`fedtune.data.hf_dataset`);
+                     ``csv`` and ``tiny`` are text_label files it splits identically.
 
 None ships a test split, so a seeded stratified split (``test_fraction``,
 ``split_seed``) makes the central held-out set; it is the same in every process.
@@ -43,9 +46,15 @@ class Split:
 
 @dataclass
 class TextDataset:
+    """A labelled text dataset.  ``validation`` is carved from the training split only when
+    asked for (``dataset=hf dataset.validation_fraction``); ``train_columns`` holds the
+    training split's other named columns (e.g. ``category``), which ``partition.by`` may name."""
+
     train: Split
     test: Split
     label_names: list[str] = field(default_factory=list)
+    validation: Split = field(default_factory=lambda: Split([], []))
+    train_columns: dict[str, list[Any]] = field(default_factory=dict)
 
     @property
     def num_labels(self) -> int:

@@ -63,6 +63,25 @@ def format_time_left(seconds: float | None) -> str:
     return f", ~{seconds / 3600:.1f} h left"
 
 
+GENERATIVE_CELLS = {"rouge-l": "rouge_l", "exact-match": "exact_match", "heldout-rouge-l": "heldout_rouge_l",
+                    "heldout-exact-match": "heldout_exact_match"}
+
+
+def generative_cells(values: dict[str, Any]) -> dict[str, str]:
+    """A generative dataset's extra metrics.csv cells (none for a classification dataset, whose
+    columns stay :data:`~fedtune.results.store.METRIC_COLUMNS`): rouge_l, exact_match, their
+    heldout_ counterparts, eval_seconds, and ``heldout_<metric>/<category>`` per held-out
+    category when several are held out."""
+    if "rouge-l" not in values:  # a classification dataset, or a round not evaluated (cells left empty)
+        return {}
+    cells = {col: _cell(float(values.get(key, math.nan))) for key, col in GENERATIVE_CELLS.items()}
+    cells["eval_seconds"] = f"{float(values.get('eval-seconds', 0.0)):.3f}"
+    for key in sorted((k for k in values if "/" in k), key=lambda k: (k.partition("/")[2], k)):  # by category
+        metric, _, category = key.partition("/")
+        cells[f"{metric.replace('-', '_')}/{category}"] = _cell(float(values[key]))
+    return cells
+
+
 class RunRecorder(RoundHooks):
     """Metrics row, progress line, checkpoint and fault kill after every round (module doc).
 
@@ -121,6 +140,7 @@ class RunRecorder(RoundHooks):
                "epsilon": _cell(info.epsilon if info else math.nan), "heldout_loss": _cell(h_loss),
                "heldout_accuracy": _cell(h_acc),
                "lr": repr(method_lr(cfg, server_round)) if server_round > 0 else ""}
+        row.update(generative_cells(values))
         self.last = now
         self.store.add_round(row)
         first = self.store.rows[0]["eval_accuracy"]
@@ -132,7 +152,10 @@ class RunRecorder(RoundHooks):
             fails += f"  eps {float(row['epsilon']):.3g}{spent}"
         measured = [float(r["round_seconds"]) for r in self.store.rows if int(r["round"]) > 0]
         left = format_time_left(time_left(measured, cfg.num_rounds - server_round))
-        print(f"[round {server_round:>3}/{cfg.num_rounds}] acc {acc:.4f} (round 0: {float(first):.4f})  "
-              f"eval loss {loss:.4f}  clients {row['num_replies']}/{len(info.sampled) if info else 0}{fails}  "
+        rouge = f"  rouge-L {float(row['rouge_l']):.4f}" if row.get("rouge_l") else ""
+        took = float(values.get("eval-seconds", 0.0))
+        print(f"[round {server_round:>3}/{cfg.num_rounds}] acc {acc:.4f} (round 0: {float(first):.4f}){rouge}  "
+              f"eval loss {loss:.4f}{f' (eval {took:.1f}s)' if took else ''}  "
+              f"clients {row['num_replies']}/{len(info.sampled) if info else 0}{fails}  "
               f"up {_mb(totals['bytes_up'])} down {_mb(totals['bytes_down'])}  "
               f"total {_mb(row['cumulative_bytes'])}  {now - self.t_start:.1f}s{left}", flush=True)

@@ -28,7 +28,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedtune.config.composition import compose
 from fedtune.config.run import RunConfig
-from fedtune.evaluation import evaluate, evaluate_heldout
+from fedtune.evaluation import central_metrics
 from fedtune.privacy.accounting import check_delta, not_accounted
 from fedtune.privacy.client_level import summary_block, with_client_dp
 from fedtune.registry import METHODS
@@ -155,7 +155,7 @@ def _run_rounds(grid: Grid, cfg: RunConfig, store: RunStore, checkpoint: dict[st
     workspace = Workspace(cfg)
     check_delta(cfg, [len(p) for p in workspace.partitions()])  # δ < 1/n, before any client runs
     model = workspace.model()
-    test = workspace.encoded("test")
+    test = workspace.encoded(cfg.eval.split)  # validation: a tuning study never scores on test
     strategy = METHODS.get(cfg.strategy.name).strategy_cls.from_config(cfg)
     strategy.roster = roster
     elapsed = float(store.rows[-1]["wall_seconds"]) if store.rows else 0.0  # a resumed run's clock goes on
@@ -169,12 +169,10 @@ def _run_rounds(grid: Grid, cfg: RunConfig, store: RunStore, checkpoint: dict[st
         """Central evaluation of the global model on the test split (NaN when not due)."""
         strategy.load_into(model)
         due = server_round % cfg.eval.every == 0 or server_round == cfg.num_rounds
-        loss, acc = (evaluate(model, test, cfg.eval.batch_size, workspace.device, cfg.eval.max_examples)
-                     if due else (math.nan, math.nan))
-        h_loss, h_acc = (evaluate_heldout(model, test, cfg.eval.batch_size, workspace.device, cfg.eval.max_examples)
-                         if due else (math.nan, math.nan))  # NaN unless the dataset holds a category out
-        return MetricRecord({"eval-loss": loss, "eval-accuracy": acc, "heldout-loss": h_loss,
-                             "heldout-accuracy": h_acc})
+        started = time.perf_counter()
+        values = (central_metrics(model, test, cfg.eval, workspace.device) if due else
+                  {k: math.nan for k in ("eval-loss", "eval-accuracy", "heldout-loss", "heldout-accuracy")})
+        return MetricRecord({**values, "eval-seconds": time.perf_counter() - started if due else 0.0})
 
     initial = ArrayRecord(workspace.initial_arrays())
     runner = with_client_dp(strategy, cfg)  # Flower's DP wrapper around it under privacy=client_dp
@@ -197,6 +195,7 @@ def _run_rounds(grid: Grid, cfg: RunConfig, store: RunStore, checkpoint: dict[st
     return {
         "initial_accuracy": float(rows[0]["eval_accuracy"]), "final_accuracy": float(rows[-1]["eval_accuracy"]),
         "best_accuracy": max(accs), "final_eval_loss": float(rows[-1]["eval_loss"]),
+        **({"final_rouge_l": float(rows[-1]["rouge_l"])} if rows[-1].get("rouge_l") else {}),
         "total_bytes": strategy.ledger.cumulative_bytes(cfg.num_rounds),
         "total_bytes_up": sum(int(r["bytes_up"]) for r in rows),
         "total_bytes_down": sum(int(r["bytes_down"]) for r in rows),

@@ -3,7 +3,8 @@
 Layout of a run directory::
 
     config.yaml      the resolved config (what ran)
-    metrics.csv      one row per round (METRIC_COLUMNS), rewritten atomically each round
+    metrics.csv      one row per round (METRIC_COLUMNS; a generative dataset adds rouge_l, exact_match,
+                     heldout_rouge_l, heldout_exact_match, eval_seconds), rewritten atomically each round
                      (failed_clients: the partition ids that failed; why: summary.json failures)
     ledger.csv       one row per message: round, partition, direction, kind, wire/payload bytes
     summary.json     status "running" at the start, rewritten last: status, final and initial
@@ -40,6 +41,15 @@ TIMING_COLUMNS = ("aggregate_seconds", "round_seconds", "wall_seconds")
 # Labels, not measurements: a tracker (fedtune.tracking) mirrors every other numeric column
 # (a list of one client id would read as a number); the round is its step.
 NON_METRIC_COLUMNS = ("round", "strategy", "sampled_clients", "failed_clients")
+
+
+def metric_columns(rows: list[dict[str, Any]]) -> list[str]:
+    """:data:`METRIC_COLUMNS`, then any other column the rows hold, in the order first seen
+    (a generative dataset's rouge_l, exact_match, ..., :mod:`fedtune.flower.run_record`)."""
+    extra: dict[str, None] = {}
+    for row in rows:
+        extra.update((k, None) for k in row if k not in METRIC_COLUMNS)
+    return METRIC_COLUMNS + list(extra)
 
 
 def atomic_write_bytes(path: Path, data: bytes, durable: bool = False) -> None:
@@ -109,7 +119,7 @@ class RunStore:
 
     def add_round(self, row: dict[str, Any]) -> None:
         self.rows.append(row)
-        atomic_write_text(self.dir / "metrics.csv", csv_text(METRIC_COLUMNS, self.rows))
+        atomic_write_text(self.dir / "metrics.csv", csv_text(metric_columns(self.rows), self.rows))
 
     def write_ledger(self, rows: list[dict[str, Any]]) -> None:
         columns = ["server_round", "partition_id", "direction", "kind", "wire_bytes", "payload_bytes"]

@@ -84,6 +84,9 @@ def simulate(cfg: RunConfig, out_dir: str | Path, resume: bool = False, sweep: P
     ``sweep``: the Hydra multirun directory ``out_dir`` is a job of (groups its tracked runs).
     """
     quiet_libraries(cfg.runtime.log_level)
+    from fedtune.runtime.workspace import Workspace
+
+    Workspace(cfg).partitions()  # data present, readable, partitionable: a ConfigError before Ray (cached for the server)
     import ray
     from flwr.simulation import run_simulation
 

@@ -78,7 +78,8 @@ class Workspace:
         return _cached(
             self._key("partitions", "dataset", "partition", "federation", extra=self.cfg.seed),
             lambda: partition_indices(self.data.train.labels, self.cfg.partition,
-                                      self.cfg.federation.num_clients, self.cfg.seed),
+                                      self.cfg.federation.num_clients, self.cfg.seed,
+                                      getattr(self.data, "train_columns", None)),
         )
 
     @property
