@@ -135,14 +135,17 @@ def records(fmt: str, rows: list[dict[str, str]]) -> list[dict[str, Any]]:
     return out
 
 
-def write_dataset(path: Path, fmt: str = "alpaca", n: int = 48, seed: int = 0) -> Path:
+def write_dataset(path: Path, fmt: str = "alpaca", n: int = 48, seed: int = 0,
+                  columns: dict[str, str] | None = None) -> Path:
     """Write ``n`` examples in ``fmt`` to ``path``; the suffix picks the file kind.
 
     ``.json`` / ``.jsonl`` / ``.csv`` / ``.parquet`` files, or a folder (no suffix) written with
-    ``datasets.Dataset.save_to_disk``.  CSV cannot hold ``chat``'s message lists."""
+    ``datasets.Dataset.save_to_disk``.  CSV cannot hold ``chat``'s message lists.  ``columns``
+    renames the default field names (``{"output": "response"}``: a Dolly-shaped file)."""
     import datasets
 
-    rows = records(fmt, examples(n, seed))
+    rename = columns or {}
+    rows = [{rename.get(k, k): v for k, v in r.items()} for r in records(fmt, examples(n, seed))]
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.suffix == ".jsonl":
         path.write_text("".join(json.dumps(r) + "\n" for r in rows))
