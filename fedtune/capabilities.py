@@ -76,6 +76,9 @@ class Capabilities:
     sum_only : the aggregate is a function of ``Σ_k p_k·upload_k`` taken key by key (so
         it could run under secure aggregation), with the conditions under which it is.
     identical_updates_fixed_point : identical client uploads aggregate to that upload.
+    quantized_base : the method trains on a frozen bitsandbytes-quantized base
+        (``model.quantization=4bit|8bit``, QLoRA): it never updates, merges into or
+        differentiates with respect to the base weights.
     """
 
     example_dp: Support = undeclared("that its local updates are DP-SGD steps")
@@ -83,6 +86,7 @@ class Capabilities:
     setup_on_client_data: str = ""
     sum_only: Support = undeclared("that its aggregate needs only the weighted sum of the uploads")
     identical_updates_fixed_point: bool = False
+    quantized_base: Support = undeclared("that it trains on a frozen quantized base")
 
 
 def nbytes(arrays: Mapping[str, Any]) -> int:

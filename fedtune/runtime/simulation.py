@@ -82,7 +82,10 @@ def simulate(cfg: RunConfig, out_dir: str | Path, resume: bool = False) -> dict[
 
     ``resume``: continue ``out_dir`` from its checkpoint (:func:`fedtune.flower.server_app.resume_point`).
     """
+    from fedtune.models.preflight import preflight
+
     quiet_libraries(cfg.runtime.log_level)
+    preflight(cfg)  # bad model input is one line, before Ray starts
     import ray
     from flwr.simulation import run_simulation
 
