@@ -21,8 +21,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
-from fedtune.errors import ConfigError
-from fedtune.models.hf_source import DTYPES, QUANTIZATIONS, quantization_config, resolve_dtype
+from fedtune.models.hf_source import DTYPES, QUANTIZATIONS, load_config, quantization_config, resolve_dtype
 from fedtune.models.zoo import LoRAConfig, ModelSpec, _offline
 from fedtune.registry import MODELS
 
@@ -76,11 +75,8 @@ def _load_kwargs(cfg: HFModelConfig) -> dict[str, Any]:
     return kwargs
 
 
-@functools.lru_cache(maxsize=8)
 def _architectures(path: str, revision: str, trust_remote_code: bool) -> tuple[str, ...]:
-    from transformers import AutoConfig
-
-    config = AutoConfig.from_pretrained(path, revision=revision or None, trust_remote_code=trust_remote_code)
+    config = load_config(path, revision, trust_remote_code)
     return tuple(getattr(config, "architectures", None) or ())
 
 
@@ -88,8 +84,6 @@ def hf_task(cfg: HFModelConfig) -> str:
     """``causal_lm`` or ``classification``: ``model.task``, else read from the checkpoint's config."""
     if cfg.task != "auto":
         return cfg.task
-    if not cfg.path:
-        raise ConfigError("model.path is required for model=hf: a hub id or a local folder that from_pretrained loads")
     archs = _architectures(cfg.path, cfg.revision, cfg.trust_remote_code)
     return "causal_lm" if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs) else "classification"
 

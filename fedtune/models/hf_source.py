@@ -8,6 +8,7 @@ the device cannot run.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 from pathlib import Path
@@ -25,22 +26,23 @@ def looks_local(path: str) -> bool:
     return path.startswith(("/", ".", "~")) or path.count("/") > 1 or os.sep != "/" and os.sep in path
 
 
-def check_source(path: str, revision: str, trust_remote_code: bool) -> None:
-    """The checkpoint's config is readable: a local folder with ``config.json``, or a hub id
-    the hub (or its local cache under ``HF_HUB_OFFLINE=1``) serves."""
+@functools.lru_cache(maxsize=16)
+def load_config(path: str, revision: str, trust_remote_code: bool) -> Any:
+    """The checkpoint's ``AutoConfig``: from a local folder with ``config.json``, or a hub id
+    the hub (or its local cache under ``HF_HUB_OFFLINE=1``) serves; else a one-line error."""
     if not path:
         raise ConfigError("model.path is required for model=hf: a hub id or a local folder that from_pretrained loads")
+    from transformers import AutoConfig
+
     folder = Path(path).expanduser()
     if folder.is_dir():
         if not (folder / "config.json").is_file():
             raise ConfigError(f"model.path: {folder} has no config.json (not a save_pretrained folder)")
-        return
+        return AutoConfig.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
     if looks_local(path):
         raise ConfigError(f"model.path: folder not found: {folder}")
-    from transformers import AutoConfig
-
     try:
-        AutoConfig.from_pretrained(path, revision=revision or None, trust_remote_code=trust_remote_code)
+        return AutoConfig.from_pretrained(path, revision=revision or None, trust_remote_code=trust_remote_code)
     except Exception as exc:  # OSError, or the hub's own errors: all mean "not here"
         offline = os.environ.get("HF_HUB_OFFLINE") == "1"
         why = "HF_HUB_OFFLINE=1 and it is not in the local cache" if offline else \

@@ -9,6 +9,7 @@ the presets with ``as_hf``) is built from its ``config.json`` alone (``AutoConfi
 
 from __future__ import annotations
 
+import copy
 import functools
 from dataclasses import dataclass
 from typing import Any
@@ -59,9 +60,11 @@ def _of(model: Any) -> ModelInventory:
 def _pretrained(path: str, revision: str, trust_remote_code: bool, task: str, num_labels: int) -> ModelInventory:
     import torch
     import transformers
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    config = AutoConfig.from_pretrained(path, revision=revision or None, trust_remote_code=trust_remote_code)
+    from fedtune.models.hf_source import load_config
+
+    config = copy.deepcopy(load_config(path, revision, trust_remote_code))
     verbosity = transformers.logging.get_verbosity()
     transformers.logging.set_verbosity_error()
     try:

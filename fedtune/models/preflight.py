@@ -30,7 +30,7 @@ def check_quantized_base(cfg: Any) -> None:
 
 def preflight(cfg: Any) -> Any:
     """Check ``cfg``'s model before Ray starts; returns its inventory (a ConfigError on bad input)."""
-    from fedtune.models.hf_source import check_machine, check_source
+    from fedtune.models.hf_source import check_machine, load_config
     from fedtune.models.inventory import model_inventory
     from fedtune.runtime.workspace import Workspace
 
@@ -39,7 +39,7 @@ def preflight(cfg: Any) -> Any:
     spec = MODELS.get(cfg.model.name)
     if spec.as_hf is not None:
         hf = spec.as_hf(cfg.model)
-        check_source(hf.path, hf.revision, hf.trust_remote_code)
+        load_config(hf.path, hf.revision, hf.trust_remote_code)
         check_machine(hf.dtype, hf.quantization, workspace.device)
     inventory = model_inventory(cfg.model, workspace.data.num_labels)
     hook = METHODS.get(cfg.strategy.name).preflight

@@ -37,7 +37,7 @@ class LoRAConfig:
 
     def __post_init__(self) -> None:
         if isinstance(self.target_modules, str) and self.target_modules != "auto":
-            raise ValueError(f"target_modules must be a list (or auto), got {self.target_modules!r}")
+            raise ValueError(f"target_modules must be a list, got {self.target_modules!r} (or auto: peft's default)")
         if self.rank <= 0:
             raise ValueError(f"rank must be a positive integer, got {self.rank}")
         if not (self.alpha > 0 and math.isfinite(self.alpha)):
