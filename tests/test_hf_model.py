@@ -186,3 +186,15 @@ def test_fed_sb_rank_bound_reads_no_weights(checkpoints: dict[str, Path], tmp_pa
     one_line(overrides(folder, "strategy=fed_sb", "strategy.rank=33"),
              r"^strategy.rank must be <= min\(out, in\) = 32 of every target, got 33 \(bert.encoder.layer.0")
     preflight(compose(overrides(folder, "strategy=fed_sb", "strategy.rank=32")))  # the bound itself passes
+
+
+def test_missing_pad_token_is_set_to_eos_and_said(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from fedtune.models.hf import hf_tokenizer
+
+    folder = save_tiny_model(tmp_path / "gpt2-nopad", "gpt2", pad_token=False)
+    cfg = compose(overrides(folder))
+    with caplog.at_level("WARNING", logger="fedtune.models.hf"):
+        tokenizer = hf_tokenizer(cfg.model)
+    assert tokenizer.pad_token == tokenizer.eos_token == "<|im_end|>"
+    assert any("has no pad token" in r.getMessage() for r in caplog.records)
+    assert tokenizer.chat_template  # the checkpoint's own template frames the prompts

@@ -203,12 +203,13 @@ def smollm2_tokenizer(cfg: SmolLM2Config) -> Any:
 
 
 def smollm2_as_hf(cfg: SmolLM2Config) -> Any:
-    """``model=smollm2`` is ``model=hf`` on the cached fp32 checkpoint folder (written on first use)."""
+    """``model=smollm2`` is ``model=hf`` on the cached fp32 checkpoint folder (written on first use);
+    None with ``model.cache=false`` (dequantised from the GGUF on every load instead)."""
     from fedtune.models.hf import HFModelConfig
 
     ckpt = ensure_checkpoint(cfg)
     if ckpt is None:
-        raise ConfigError("model.cache: smollm2 loads as model=hf only from its fp32 cache (model.cache=true)")
+        return None
     return HFModelConfig(path=str(ckpt), task="causal_lm", max_length=cfg.max_length, dtype="float32", lora=cfg.lora)
 
 
@@ -217,9 +218,10 @@ def build_smollm2(cfg: SmolLM2Config, num_labels: int, seed: int, device: Any = 
     from fedtune.models.hf import load_base
 
     _offline()
-    if not cfg.cache:
+    hf = smollm2_as_hf(cfg)
+    if hf is None:
         return load_from_gguf()[0]
-    return strip_quantization(load_base(smollm2_as_hf(cfg), num_labels, seed, device))
+    return strip_quantization(load_base(hf, num_labels, seed, device))
 
 
 def is_causal_lm(model: Any) -> bool:

@@ -124,7 +124,7 @@ def load_base(cfg: HFModelConfig, num_labels: int, seed: int, device: Any = "cpu
     dtype = resolve_dtype(cfg.dtype, device)
     kwargs = {**_load_kwargs(cfg), "dtype": dtype}
     if (quant := quantization_config(cfg.quantization, dtype)) is not None:
-        kwargs.update(quantization_config=quant, device_map={"": str(device)})  # quantized while placed
+        kwargs.update(quantization_config=quant, device_map={"": _placement(device)})  # quantized while placed
     seed_torch(seed, "model-init")  # a new classification head is identical on every party
     verbosity = transformers.logging.get_verbosity()
     transformers.logging.set_verbosity_error()  # "newly initialised head" is expected
@@ -140,6 +140,16 @@ def load_base(cfg: HFModelConfig, num_labels: int, seed: int, device: Any = "cpu
     if model.config.pad_token_id is None:  # a classifier finds each row's last token by the pad id
         model.config.pad_token_id = hf_tokenizer(cfg).pad_token_id
     return _prepare(model, cfg)
+
+
+def _placement(device: Any) -> str:
+    """A ``device_map`` target: this process's GPU (Ray's ``num_gpus`` share makes it index 0), or the CPU."""
+    import torch
+
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        return f"cuda:{torch.cuda.current_device()}"
+    return str(device)
 
 
 def _prepare(model: Any, cfg: HFModelConfig) -> Any:

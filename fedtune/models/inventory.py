@@ -4,7 +4,8 @@ Pre-flight checks (LoRA targets, Fed-SB's rank bound, a method's parameter patte
 need the architecture, not the weights: the model is instantiated on PyTorch's ``meta``
 device, where tensors have shapes and no storage.  A pretrained option (``model=hf`` and
 the presets with ``as_hf``) is built from its ``config.json`` alone (``AutoConfig`` then
-``from_config``); ``tiny`` is its own builder run on ``meta``.
+``from_config``); ``tiny`` is its own builder run on ``meta``.  The one exception is
+``smollm2`` with ``model.cache=false``, which has no ``config.json`` to read: it is built.
 """
 
 from __future__ import annotations
@@ -88,8 +89,10 @@ def model_inventory(model_cfg: Any, num_labels: int) -> ModelInventory:
     from fedtune.models.hf import hf_task
 
     spec = MODELS.get(model_cfg.name)
-    if spec.as_hf is not None:
-        hf = spec.as_hf(model_cfg)
+    hf = spec.as_hf(model_cfg) if spec.as_hf is not None else None
+    if hf is not None:
         return _pretrained(hf.path, hf.revision, hf.trust_remote_code, hf_task(hf), num_labels)
+    if spec.as_hf is not None:  # a preset with no folder to read (smollm2, model.cache=false)
+        return _of(spec.build(model_cfg, num_labels, 0))
     with torch.device("meta"):
         return _of(spec.build(model_cfg, num_labels, 0, device="meta"))

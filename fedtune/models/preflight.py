@@ -37,8 +37,8 @@ def preflight(cfg: Any) -> Any:
     check_quantized_base(cfg)
     workspace = Workspace(cfg)
     spec = MODELS.get(cfg.model.name)
-    if spec.as_hf is not None:
-        hf = spec.as_hf(cfg.model)
+    hf = spec.as_hf(cfg.model) if spec.as_hf is not None else None
+    if hf is not None:
         load_config(hf.path, hf.revision, hf.trust_remote_code)
         check_machine(hf.dtype, hf.quantization, workspace.device)
     inventory = model_inventory(cfg.model, workspace.data.num_labels)

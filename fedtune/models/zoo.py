@@ -111,7 +111,8 @@ class ModelSpec:
     ``tokenizer(cfg)`` returns the model's tokenizer (None: the MiniLM WordPiece one);
     ``kind`` is ``"classifier"`` (sequence classification) or ``"causal_lm"``;
     ``as_hf(cfg)`` is the :class:`~fedtune.models.hf.HFModelConfig` a pretrained preset
-    loads as (None: built from a config, like ``tiny``), so it loads one way.
+    loads as (None: built from a config, like ``tiny``), so it loads one way; ``as_hf`` may
+    return None for a config with no folder to load (``smollm2`` with ``model.cache=false``).
     """
 
     build: Callable[..., Any]
