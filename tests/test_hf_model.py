@@ -198,3 +198,22 @@ def test_missing_pad_token_is_set_to_eos_and_said(tmp_path: Path, caplog: pytest
     assert tokenizer.pad_token == tokenizer.eos_token == "<|im_end|>"
     assert any("has no pad token" in r.getMessage() for r in caplog.records)
     assert tokenizer.chat_template  # the checkpoint's own template frames the prompts
+
+
+def test_minilm_is_model_hf_on_its_packaged_folder() -> None:
+    """``model=minilm`` loads through ``model=hf``'s path, to the weights and seeded head a
+    plain transformers load gives (so its default run is unchanged)."""
+    from transformers import AutoModelForSequenceClassification
+
+    from fedtune.models.zoo import minilm_dir
+    from fedtune.randomness import seed_torch
+
+    preset = compose(CLASSIFY + ["model=minilm"])
+    as_hf = MODELS.get("minilm").as_hf(preset.model)
+    direct = compose(["model=hf", f"model.path={minilm_dir()}", *CLASSIFY,
+                      "model.task=classification", "model.dtype=float32", "model.lora.target_modules=[query,value]"])
+    assert as_hf == direct.model
+    built = MODELS.get("minilm").build(preset.model, 4, 7).state_dict()
+    seed_torch(7, "model-init")
+    plain = AutoModelForSequenceClassification.from_pretrained(minilm_dir(), num_labels=4).state_dict()
+    assert built.keys() == plain.keys() and all(torch.equal(built[k], plain[k]) for k in plain)

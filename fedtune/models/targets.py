@@ -58,9 +58,10 @@ def check_targets(targets: Sequence[str], linear_names: Sequence[str]) -> None:
     """Refuse targets under which a name matches no linear layer, listing the layers' suffixes."""
     for target in targets:
         if not matched(linear_names, [target]):
+            example = ".".join(linear_names[0].split(".")[-2:]) if linear_names else "none"
             raise ConfigError(f"model.lora.target_modules: {target!r} matches no linear layer of this model; "
                               f"its linear layers: {', '.join(suffix_names(linear_names))} "
-                              f"(or a dotted suffix such as a.b)")
+                              f"(or a dotted suffix, e.g. {example})")
 
 
 def lora_preflight(cfg: Any, inventory: Any) -> None:
