@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from hf_testing import ARCHITECTURES, save_tiny_model
+from method_testing import run_method, task_identity  # noqa: F401  (a fixture)
 
 from fedtune.config import compose
 from fedtune.errors import ConfigError
@@ -74,6 +75,15 @@ def test_each_architecture_trains_lora_on_peft_default_targets(arch: str, checkp
     if arch == "gpt2":
         with pytest.raises(ConfigError, match=r"^model.lora.target_modules: .*c_attn is a Conv1D.*use a peft LoRA"):
             preflight(compose(overrides(checkpoints[arch], "strategy=fed_sb", "strategy.rank=4")))
+
+
+@pytest.mark.parametrize("name", METHODS.names())
+def test_every_method_runs_a_round_on_a_causal_lm(name: str, checkpoints: dict[str, Path],
+                                                  task_identity: None) -> None:
+    """Each method, one in-process round on the tiny Llama (a head-less causal LM: FLoRA's
+    global state is empty until its first merge)."""
+    run = run_method(name, [*overrides(checkpoints["llama"]), *METHODS.get(name).quick], 1)
+    assert len(run.rounds[1].updates) == 2
 
 
 def test_bf16_base_trains_an_fp32_adapter_on_cpu(checkpoints: dict[str, Path]) -> None:
