@@ -26,6 +26,7 @@ import torch
 
 from fedtune.config.run import RunConfig
 from fedtune.models.lora_sb import LoRASBModel, adapters_disabled, full_weight_gradients, set_bases
+from fedtune.models.targets import resolve_targets
 from fedtune.randomness import seed_torch, torch_generator
 from fedtune.registry import TRAINERS
 from fedtune.trainer import TrainContext
@@ -53,7 +54,8 @@ class LoRASBTrainer(LoRATrainer):
     def build_model(self, base: torch.nn.Module, cfg: RunConfig) -> torch.nn.Module:
         rank = cfg.strategy.rank
         alpha = cfg.strategy.lora_alpha  # FedSBConfig: alpha, or rank when null
-        model = LoRASBModel(base, cfg.model.lora.target_modules, rank, alpha)  # A = B = R = 0: the base
+        targets = resolve_targets(cfg.model.lora.target_modules, base.config.model_type)
+        model = LoRASBModel(base, targets, rank, alpha)  # A = B = R = 0: the base
         model.eval()
         return model
 

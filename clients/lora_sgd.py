@@ -14,6 +14,7 @@ import torch
 from fedtune.config.run import RunConfig
 from fedtune.models.causal_lm import is_causal_lm
 from fedtune.models.state import load_trainable_state, trainable_state
+from fedtune.models.targets import resolve_targets
 from fedtune.randomness import seed_torch
 from fedtune.registry import TRAINERS
 from fedtune.trainer import TrainContext
@@ -36,7 +37,8 @@ class LoRATrainer:
         # a classifier keeps its new head trainable (SEQ_CLS); a causal LM has no new head
         task = TaskType.CAUSAL_LM if is_causal_lm(base) else TaskType.SEQ_CLS
         config = LoraConfig(task_type=task, r=lora.rank, lora_alpha=lora.alpha,
-                            lora_dropout=lora.dropout, target_modules=list(lora.target_modules))
+                            lora_dropout=lora.dropout,
+                            target_modules=resolve_targets(lora.target_modules, base.config.model_type))
         model = get_peft_model(base, config)
         model.eval()
         return model

@@ -80,6 +80,9 @@ class Capabilities:
     warmup : it follows ``train.warmup_steps`` within a round.
     step_size : the config field the schedule starts from, the method's step size
         (recorded per round as metrics.csv's ``lr``).
+    quantized_base : the method trains on a frozen bitsandbytes-quantized base
+        (``model.quantization=4bit|8bit``, QLoRA): it never updates, merges into or
+        differentiates with respect to the base weights.
     """
 
     example_dp: Support = undeclared("that its local updates are DP-SGD steps")
@@ -90,6 +93,7 @@ class Capabilities:
     lr_schedule: Support = undeclared("that its step size follows train.lr_schedule")
     warmup: Support = undeclared("that its local steps follow train.warmup_steps")
     step_size: str = "train.lr"
+    quantized_base: Support = undeclared("that it trains on a frozen quantized base")
 
 
 def nbytes(arrays: Mapping[str, Any]) -> int:

@@ -64,10 +64,12 @@ def _hydra_entry() -> None:
             check_installed(run_cfg)  # tracking=tensorboard|mlflow without the extra: one line, before Ray
             from fedtune.runtime.workspace import Workspace
 
+            from fedtune.models.preflight import preflight
             from fedtune.privacy.accounting import check_delta
 
             sizes = [len(p) for p in Workspace(run_cfg).partitions()]  # data present and partitionable
             check_delta(run_cfg, sizes)  # privacy.delta < 1/n: before Ray starts
+            preflight(run_cfg)  # the model: its source, the machine, the method's own checks
         except (ConfigError, OmegaConfBaseException) as exc:  # OmegaConf: e.g. a bad ${interpolation}
             _remove_if_empty(out_dir)
             _fail(str(exc) if isinstance(exc, ConfigError) else error_line(exc, []))

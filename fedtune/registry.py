@@ -72,6 +72,9 @@ class MethodSpec:
     capabilities : DP support, sum-only aggregation, one-time setup on client data.
     payload : what a client receives and uploads per round, and its byte formula.
     export : the format of ``RUN_DIR/adapter`` and its loader.
+    preflight : ``(cfg, inventory) -> None``, the method's own checks of the run's model
+        before Ray starts (:func:`fedtune.models.preflight.preflight`; ``inventory`` is a
+        :class:`~fedtune.models.inventory.ModelInventory`): raises a one-line ConfigError.
     quick : Hydra overrides under which the method trains in seconds on ``model=tiny
         dataset=tiny`` (the contract tests and the smoke simulations use them).
     """
@@ -84,6 +87,7 @@ class MethodSpec:
     payload: Payload | None = None
     export: Export = field(default_factory=lambda: Export("not declared"))
     quick: tuple[str, ...] = ()
+    preflight: Callable[[Any, Any], None] | None = None
 
 
 METHODS: Registry[MethodSpec] = Registry("strategy", "strategy.name")
@@ -96,10 +100,11 @@ TRACKING: Registry[Any] = Registry("tracking backend", "tracking.name")  # fedtu
 
 def register_method(name: str, strategy_cls: type, trainer: str, config_cls: type, *,
                     capabilities: Capabilities | None = None, payload: Payload | None = None,
-                    export: Export | None = None, quick: tuple[str, ...] | list[str] = ()) -> MethodSpec:
+                    export: Export | None = None, quick: tuple[str, ...] | list[str] = (),
+                    preflight: Callable[[Any, Any], None] | None = None) -> MethodSpec:
     """Register a federated method (call at the bottom of its strategy module)."""
     spec = MethodSpec(name, strategy_cls, trainer, config_cls, capabilities or Capabilities(), payload,
-                      export or Export("not declared"), tuple(quick))
+                      export or Export("not declared"), tuple(quick), preflight)
     return METHODS.register(name, spec)
 
 

@@ -41,10 +41,11 @@ from flwr.serverapp import Grid
 
 from fedtune.capabilities import UNIFORM_WEIGHTING, Capabilities, Export, Payload, Support
 from fedtune.config.method import MethodConfig
-from fedtune.errors import PayloadError
+from fedtune.errors import ConfigError, PayloadError
 from fedtune.flower.strategy import Arrays, ClientUpdate, FedtuneStrategy, weights_for
 from fedtune.models.lora_sb import set_bases, update_approximation
 from fedtune.models.state import check_arrays, load_trainable_state
+from fedtune.models.targets import lora_preflight, matched, resolve_targets
 from fedtune.registry import register_method
 from strategies.fedavg_lora import LOCAL_LR, state_each_way, weighted_average
 
@@ -224,6 +225,23 @@ class FedSB(FedtuneStrategy):
         self.bases = dict(state["bases"])
 
 
+def fed_sb_preflight(cfg: Any, inventory: Any) -> None:
+    """Fed-SB's checks on the model before Ray starts: the LoRA targets match, each is an
+    ``nn.Linear`` (LoRA-SB wraps no GPT-2 ``Conv1D``), and ``rank <= min(out, in)`` of each
+    (the r×r core sits between an m×r and an r×n orthonormal basis)."""
+    lora_preflight(cfg, inventory)
+    targets = resolve_targets(cfg.model.lora.target_modules, inventory.model_type)
+    for name in matched(inventory.linears, targets):
+        layer = inventory.linears[name]
+        if layer.kind != "Linear":
+            raise ConfigError(f"model.lora.target_modules: {name} is a {layer.kind} (this architecture's transposed "
+                              f"linear); Fed-SB's LoRA-SB wraps nn.Linear layers only: use a peft LoRA method")
+        if cfg.strategy.rank > min(layer.out_features, layer.in_features):
+            raise ConfigError(f"strategy.rank must be <= min(out, in) = {min(layer.out_features, layer.in_features)} "
+                              f"of every target, got {cfg.strategy.rank} ({name} is "
+                              f"{layer.out_features}×{layer.in_features})")
+
+
 register_method(
     "fed_sb", FedSB, trainer="lora_sb", config_cls=FedSBConfig,
     capabilities=Capabilities(
@@ -235,8 +253,10 @@ register_method(
         setup_on_client_data="Fed-SB's one-time init gradients are computed on client data without DP",
         sum_only=Support(True, "R̄ and the head are Σ_k p_k of the uploads (the one-time ΔW is the sign of "
                                "Σ_k p_k G_k)"),
-        identical_updates_fixed_point=True),
+        identical_updates_fixed_point=True,
+        quantized_base=Support(False, "its one-time LoRA-SB init needs the full-weight gradient ∂L/∂W0 of every "
+                                      "target, which a quantized base does not have; use model.quantization=none")),
     payload=Payload(down="r×r cores R and head (fp32); once: bases B, A", up="r×r cores R and head (fp32); "
                     "once: full-weight gradients (fp32) or their signs (int8)", formula=state_each_way),
     export=Export("LoRA-SB adapter: bases B, A, cores R and head (safetensors)"),
-    quick=("strategy.rank=8", "strategy.init_step=0.01"))
+    quick=("strategy.rank=8", "strategy.init_step=0.01"), preflight=fed_sb_preflight)

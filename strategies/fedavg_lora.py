@@ -26,6 +26,7 @@ from fedtune.capabilities import UNIFORM_WEIGHTING, Capabilities, Export, Payloa
 from fedtune.config.method import MethodConfig
 from fedtune.flower.strategy import Arrays, ClientUpdate, FedtuneStrategy, weights_for
 from fedtune.models.export import load_exported
+from fedtune.models.targets import lora_preflight
 from fedtune.registry import register_method
 
 FIRST_ORDER = Support(True, "its clients run the shared first-order loop (clients.local_steps), "
@@ -33,6 +34,10 @@ FIRST_ORDER = Support(True, "its clients run the shared first-order loop (client
 LOCAL_LR = Support(True, "its clients' optimizer is built, and its lr set every step, by the shared first-order "
                          "loop (clients.local_steps)")
 PEFT_EXPORT = Export("peft LoRA adapter (+ head)", load=load_exported)
+ADAPTER_ONLY = Support(True, "its clients train only peft's A, B (and the head) beside the frozen base, which "
+                             "QLoRA holds quantized (Dettmers et al. 2023, arXiv 2305.14314)")
+MERGES_INTO_BASE = Support(False, "it merges aggregated LoRA products into the base weights, which a quantized "
+                                  "base cannot hold exactly; use model.quantization=none")
 
 
 def weighted_average(states: list[Arrays], weights: list[float]) -> Arrays:
@@ -87,6 +92,6 @@ register_method(
         client_dp=Support(True, "its global state is the uniform mean of the uploaded A, B and head",
                           (UNIFORM_WEIGHTING,)),
         sum_only=Support(True, "Ā, B̄ and the head are Σ_k p_k of the uploads"),
-        identical_updates_fixed_point=True),
+        identical_updates_fixed_point=True, quantized_base=ADAPTER_ONLY),
     payload=Payload(down="A, B and head (fp32)", up="A, B and head (fp32)", formula=state_each_way),
-    export=PEFT_EXPORT)
+    export=PEFT_EXPORT, preflight=lora_preflight)

@@ -31,7 +31,8 @@ from fedtune.flower.strategy import Arrays, ClientUpdate, weights_for
 from fedtune.models.export import load_exported
 from fedtune.models.state import load_trainable_state
 from fedtune.registry import register_method
-from strategies.fedavg_lora import FIRST_ORDER, LOCAL_LR, weighted_average
+from fedtune.models.targets import lora_preflight
+from strategies.fedavg_lora import FIRST_ORDER, LOCAL_LR, MERGES_INTO_BASE, weighted_average
 from strategies.lora_math import module_factors, require_choice, residual_factors
 from strategies.merged_base import DELTA_MODES, MergedBaseStrategy
 
@@ -93,8 +94,8 @@ register_method(
         client_dp=Support(False, "it folds the residual Σ p_k B_k A_k − B̄Ā of the clients' own products into "
                                  "the frozen base and sends it unnoised"),
         sum_only=Support(False, "its residual Σ_k p_k B_k A_k − B̄Ā needs the clients' own products"),
-        identical_updates_fixed_point=True),
+        identical_updates_fixed_point=True, quantized_base=MERGES_INTO_BASE),
     payload=Payload(down="A, B and head (fp32) + the cumulative residual (dense or factored)",
                     up="A, B and head (fp32)", formula=fedex_bytes),
     export=Export("peft LoRA adapter (+ head) and base_delta.safetensors (the merged base delta)",
-                  load=load_exported))
+                  load=load_exported), preflight=lora_preflight)

@@ -297,13 +297,15 @@ NO_WARMUP = Support(False, "a step size changing within a round cannot be replay
 SEED_PAYLOAD = Payload(down="K per-seed accumulators (fp32; Pro: + K probabilities)",
                        up="τ (seed index, scalar) pairs, or K per-seed sums (fp32)", formula=fedkseed_bytes)
 TUNED_MODEL = Export("the tuned model (transformers save_pretrained)")
+UPDATES_THE_BASE = Support(False, "it tunes the model's own parameters (full-parameter), which a quantized base "
+                                  "holds as frozen integer codes; use model.quantization=none")
 QUICK = ("strategy.num_seeds=256", "strategy.local_steps=40", "strategy.batch_size=8", "strategy.lr=1e-2")
 
 register_method(
     "fedkseed", FedKSeed, trainer="zo_seeds", config_cls=FedKSeedConfig,
     capabilities=Capabilities(
         lr_schedule=ROUND_LR, warmup=NO_WARMUP, step_size="strategy.lr",
-        example_dp=ZEROTH_ORDER, client_dp=SEEDS_NOT_AN_UPDATE,
+        example_dp=ZEROTH_ORDER, client_dp=SEEDS_NOT_AN_UPDATE, quantized_base=UPDATES_THE_BASE,
         sum_only=Support(True, "the accumulators grow by Σ_k p_k of the clients' per-seed sums",
                          (Condition("encoding", "sums", "(index, value) pairs are lists, not vectors to add"),))),
     payload=SEED_PAYLOAD, export=TUNED_MODEL, quick=QUICK)
@@ -311,6 +313,6 @@ register_method(
     "fedkseed_pro", FedKSeedPro, trainer="zo_seeds", config_cls=FedKSeedProConfig,
     capabilities=Capabilities(
         lr_schedule=ROUND_LR, warmup=NO_WARMUP, step_size="strategy.lr",
-        example_dp=ZEROTH_ORDER, client_dp=SEEDS_NOT_AN_UPDATE,
+        example_dp=ZEROTH_ORDER, client_dp=SEEDS_NOT_AN_UPDATE, quantized_base=UPDATES_THE_BASE,
         sum_only=Support(False, "its seed probabilities follow every client's own |g| history")),
     payload=SEED_PAYLOAD, export=TUNED_MODEL, quick=QUICK)

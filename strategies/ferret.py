@@ -49,7 +49,7 @@ from fedtune.randomness import derive_seed, seed_pool
 from fedtune.registry import register_method
 from fedtune.trainable import validate_trainable
 from strategies.fedavg_lora import LOCAL_LR
-from strategies.fedkseed import TUNED_MODEL, bad_indices, check_cache_mb, index_dtype
+from strategies.fedkseed import TUNED_MODEL, UPDATES_THE_BASE, bad_indices, check_cache_mb, index_dtype
 from strategies.seed_replay import SeedReplica, flatten, unflatten
 
 Bases = Union[torch.Tensor, SeedDirections]
@@ -275,7 +275,8 @@ register_method(
         client_dp=Support(False, "clients upload per-client adaptive numbers of (seed, block) coordinates and are "
                                  "sent accumulated coefficients, so 'reply − global' is no model update to clip"),
         sum_only=Support(False, "clients upload different numbers of (seed, block) coordinates; only their "
-                                "scatter into K×L is summed")),
+                                "scatter into K×L is summed"),
+        quantized_base=UPDATES_THE_BASE),
     payload=Payload(down="K×L accumulated coefficients C (fp32)",
                     up="K_l per block (int32) and Σ_l K_l (seed index, coordinate) pairs", formula=ferret_bytes),
     export=TUNED_MODEL, quick=("strategy.num_seeds=64", "train.local_steps=8"))

@@ -19,7 +19,8 @@ from dataclasses import dataclass
 from fedtune.capabilities import UNIFORM_WEIGHTING, Capabilities, Payload, Support
 from fedtune.flower.strategy import Arrays
 from fedtune.registry import register_method
-from strategies.fedavg_lora import (FIRST_ORDER, LOCAL_LR, PEFT_EXPORT, FedAvgLoRA, FedAvgLoRAConfig,
+from fedtune.models.targets import lora_preflight
+from strategies.fedavg_lora import (ADAPTER_ONLY, FIRST_ORDER, LOCAL_LR, PEFT_EXPORT, FedAvgLoRA, FedAvgLoRAConfig,
                                     state_each_way)
 from strategies.lora_math import A_TAG
 
@@ -56,6 +57,6 @@ register_method(
         client_dp=Support(True, "its global state is the uniform mean of the uploaded B and head",
                           (UNIFORM_WEIGHTING,)),
         sum_only=Support(True, "B̄ and the head are Σ_k p_k of the uploads (A never changes)"),
-        identical_updates_fixed_point=True),
+        identical_updates_fixed_point=True, quantized_base=ADAPTER_ONLY),
     payload=Payload(down="B and head (fp32)", up="B and head (fp32)", formula=state_each_way),
-    export=PEFT_EXPORT)
+    export=PEFT_EXPORT, preflight=lora_preflight)

@@ -34,7 +34,8 @@ from fedtune.models.base_delta import fresh_adapter, load_non_lora
 from fedtune.models.export import load_exported
 from fedtune.randomness import torch_generator
 from fedtune.registry import register_method
-from strategies.fedavg_lora import FIRST_ORDER, LOCAL_LR, weighted_average
+from fedtune.models.targets import lora_preflight
+from strategies.fedavg_lora import FIRST_ORDER, LOCAL_LR, MERGES_INTO_BASE, weighted_average
 from strategies.lora_math import lora_keys, module_factors, require_choice, stack_factors
 from strategies.merged_base import DELTA_MODES, MergedBaseStrategy
 
@@ -135,9 +136,10 @@ register_method(
         example_dp=FIRST_ORDER,
         client_dp=Support(False, "it stacks the clients' factors and merges their products into the base: "
                                  "no mean of the upload"),
-        sum_only=Support(False, "it stacks the clients' factors side by side, one block per client")),
+        sum_only=Support(False, "it stacks the clients' factors side by side, one block per client"),
+        quantized_base=MERGES_INTO_BASE),
     payload=Payload(down="head (fp32) + the cumulative merged delta (dense or factored)",
                     up="this client's rank-r_k A, B and head (fp32)", formula=flora_bytes),
     export=Export("peft LoRA adapter (all-zero B, + head) and base_delta.safetensors (the merged base delta)",
                   load=load_exported),
-    quick=("strategy.ranks=[4,2,2]",))
+    quick=("strategy.ranks=[4,2,2]",), preflight=lora_preflight)

@@ -34,7 +34,8 @@ from fedtune.capabilities import Capabilities, Payload, Support
 from fedtune.config.method import MethodConfig
 from fedtune.flower.strategy import Arrays, ClientUpdate, FedtuneStrategy, weights_for
 from fedtune.registry import register_method
-from strategies.fedavg_lora import FIRST_ORDER, LOCAL_LR, PEFT_EXPORT, state_each_way, weighted_average
+from fedtune.models.targets import lora_preflight
+from strategies.fedavg_lora import ADAPTER_ONLY, FIRST_ORDER, LOCAL_LR, PEFT_EXPORT, state_each_way, weighted_average
 from strategies.lora_math import lora_pairs, module_factors, require_choice, weighted_product
 
 _TINY = 1e-30
@@ -201,6 +202,6 @@ register_method(
         client_dp=Support(False, "its B is corrected by a residual computed from every client's own product "
                                  "B_k A_k, which the noise on the mean does not cover"),
         sum_only=Support(False, "its correction of B̄ needs ΔW = Σ_k p_k B_k A_k, the clients' own products"),
-        identical_updates_fixed_point=True),
+        identical_updates_fixed_point=True, quantized_base=ADAPTER_ONLY),
     payload=Payload(down="A, B and head (fp32)", up="A, B and head (fp32)", formula=state_each_way),
-    export=PEFT_EXPORT)
+    export=PEFT_EXPORT, preflight=lora_preflight)

@@ -44,7 +44,7 @@ def examples(n: int = 48, seed: int = 0) -> list[dict[str, str]]:
     return rows
 
 
-def word_tokenizer(chat_template: bool = True) -> Any:
+def word_tokenizer(chat_template: bool = True, pad_token: bool = True) -> Any:
     """A byte-level BPE fast tokenizer trained on :data:`WORDS` and the prompts' words.
 
     Byte-level BPE (GPT-2's scheme) because transformers rebuilds some architectures'
@@ -59,7 +59,7 @@ def word_tokenizer(chat_template: bool = True) -> Any:
     tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=400, special_tokens=SPECIALS, show_progress=False,
                                                         initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="<|im_end|>",
-                                   pad_token="<pad>", additional_special_tokens=["<|im_start|>"])
+                                   pad_token="<pad>" if pad_token else None, additional_special_tokens=["<|im_start|>"])
     if chat_template:
         fast.chat_template = CHATML
     return fast
@@ -87,11 +87,12 @@ def model_config(arch: str, vocab_size: int, num_labels: int = len(TOPICS)) -> A
     raise ValueError(f"unknown architecture {arch!r}; accepted: {', '.join(ARCHITECTURES)}")
 
 
-def save_tiny_model(folder: Path, arch: str = "llama", chat_template: bool = True, seed: int = 0) -> Path:
+def save_tiny_model(folder: Path, arch: str = "llama", chat_template: bool = True, seed: int = 0,
+                    pad_token: bool = True) -> Path:
     """Write a random tiny ``arch`` checkpoint and its tokenizer to ``folder`` (``save_pretrained``).
 
-    Causal LMs (llama, qwen2, gpt2) get :func:`word_tokenizer`; ``bert`` a sequence classifier
-    with the MiniLM WordPiece tokenizer."""
+    Causal LMs (llama, qwen2, gpt2) get :func:`word_tokenizer` (``pad_token=False``: none, as
+    GPT-2's own); ``bert`` a sequence classifier with the MiniLM WordPiece tokenizer."""
     import torch
     import transformers as tf
 
@@ -106,7 +107,7 @@ def save_tiny_model(folder: Path, arch: str = "llama", chat_template: bool = Tru
         torch.manual_seed(seed)
         model = tf.BertForSequenceClassification(cfg)
     else:
-        tokenizer = word_tokenizer(chat_template=chat_template)
+        tokenizer = word_tokenizer(chat_template=chat_template, pad_token=pad_token)
         torch.manual_seed(seed)
         model = tf.AutoModelForCausalLM.from_config(model_config(arch, len(tokenizer)))
     model.save_pretrained(str(folder))

@@ -182,7 +182,7 @@ def check_spec(spec: MethodSpec) -> None:
         assert spec.capabilities.setup_on_client_data.strip(), f"{spec.name}: setup_on_client_data undeclared"
     assert spec.payload is not None and spec.payload.formula is not None and spec.payload.up and spec.payload.down
     caps = spec.capabilities
-    for support in (caps.example_dp, caps.client_dp, caps.sum_only):
+    for support in (caps.example_dp, caps.client_dp, caps.sum_only, caps.quantized_base):
         assert support.reason.strip(), spec.name
     assert spec.export.format.strip()
 
@@ -268,6 +268,26 @@ def check_declared_privacy(name: str) -> None:
             setattr(section, condition.field, ("not", condition.value))
             with pytest.raises(ConfigError, match=rf"^strategy\.{condition.field} must be "):
                 support.check(section, f"privacy={mode}")
+
+
+def check_declared_quantized_base(name: str, hf_path: str) -> None:
+    """A quantized base under a method that does not declare ``quantized_base`` is refused at
+    config time with its reason, in one line; a declared one composes and passes pre-flight."""
+    from fedtune.models.preflight import preflight
+
+    support = METHODS.get(name).capabilities.quantized_base
+    overrides = ["model=hf", f"model.path={hf_path}", *BASE[2:], f"strategy={name}", "model.quantization=4bit",
+                 *METHODS.get(name).quick]
+    if not support.ok:
+        with pytest.raises(ConfigError) as err:
+            compose(overrides)
+        assert "\n" not in str(err.value)
+        assert str(err.value).startswith(f"model.quantization: strategy={name} cannot train on a 4bit base: "
+                                         f"{support.reason}; accepted: "), err.value
+        return
+    cfg = compose([*overrides, *support.overrides()])
+    assert cfg.model.quantization == "4bit"
+    preflight(cfg)
 
 
 def check_sum_only(run: Run) -> None:

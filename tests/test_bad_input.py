@@ -61,10 +61,11 @@ def _cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.parametrize("override,field", [("strategy=nope", "strategy"), ("model.lora.rank=0", "model.lora.rank"),
-                                            ("dataset=csv", "dataset.path")])
+                                            ("dataset=csv", "dataset.path"),
+                                            ("strategy=fed_sb strategy.rank=1000", "strategy.rank")])
 def test_cli_exits_nonzero_with_one_line_and_no_run_dir(tmp_path: Path, override: str, field: str) -> None:
     run_dir = tmp_path / "run"
-    proc = _cli(["model=tiny", "dataset=tiny", override, f"hydra.run.dir={run_dir}"], tmp_path)
+    proc = _cli(["model=tiny", "dataset=tiny", *override.split(), f"hydra.run.dir={run_dir}"], tmp_path)
     assert proc.returncode == 2
     errors = [line for line in proc.stderr.splitlines() if line.startswith("fedtune: error:")]
     assert len(errors) == 1 and field in errors[0], proc.stderr

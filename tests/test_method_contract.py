@@ -5,16 +5,20 @@ covered by being registered: the spec is complete; the payload of every train me
 as the ledger counts it, is the method's own byte formula; identical uploads aggregate
 to that upload where the method declares so (and to what one of them alone gives, for
 every method); the state round-trips bit for bit; a DP mode the method does not support
-is refused at config time with its reason; a sum-only method aggregates the same from
+is refused at config time with its reason, and so is a quantized base (``model.quantization``)
+under a method that does not declare ``quantized_base``; a sum-only method aggregates the same from
 any uploads with the same weighted sum; a malformed upload is rejected.
 """
 
 from __future__ import annotations
 
 import pytest
-from method_testing import (BASE, Run, check_declared_privacy, check_identical_updates, check_malformed_rejected,
-                            check_payload_bytes, check_spec, check_state_round_trip, check_sum_only, run_method,
-                            task_identity)  # noqa: F401  (a fixture)
+from pathlib import Path
+
+from hf_testing import save_tiny_model
+from method_testing import (BASE, Run, check_declared_privacy, check_declared_quantized_base, check_identical_updates,
+                            check_malformed_rejected, check_payload_bytes, check_spec, check_state_round_trip,
+                            check_sum_only, run_method, task_identity)  # noqa: F401  (a fixture)
 
 from fedtune.config import compose
 from fedtune.flower.server_app import privacy_summary
@@ -54,6 +58,16 @@ def test_state_round_trips_bit_for_bit(name: str, task_identity: None) -> None:
 @pytest.mark.parametrize("name", NAMES)
 def test_declared_privacy_capabilities_hold_at_config_time(name: str) -> None:
     check_declared_privacy(name)
+
+
+@pytest.fixture(scope="module")
+def tiny_bert(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return save_tiny_model(tmp_path_factory.mktemp("hf-bert") / "bert", "bert")
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_declared_quantized_base_holds_at_config_time(name: str, tiny_bert: Path) -> None:
+    check_declared_quantized_base(name, str(tiny_bert))
 
 
 @pytest.mark.parametrize("name", NAMES)

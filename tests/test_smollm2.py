@@ -198,3 +198,27 @@ def test_fedkseed_round_in_a_ray_simulation_writes_results(cache, tmp_path: Path
         assert math.isfinite(float(r["heldout_loss"])) and 0.0 <= float(r["heldout_accuracy"]) <= 1.0
     assert summary["payload_up_per_client_round"] == 4 * (2 + 4)  # τ (int16 index, fp32 scalar) pairs per client
     shutil.rmtree(tmp_path / "adapter", ignore_errors=True)  # FedKSeed's is the whole model (514 MB)
+
+
+def test_smollm2_is_model_hf_on_its_checkpoint_folder(cache) -> None:  # type: ignore[no-untyped-def]
+    """One loading path: ``model=smollm2`` is ``model=hf`` on its fp32 folder, to the same
+    config, tokenisation, initial adapter and outputs (so the same rounds)."""
+    from fedtune.models.state import load_trainable_state
+    from fedtune.registry import MODELS
+
+    preset = compose(task(cache))
+    as_hf = MODELS.get("smollm2").as_hf(preset.model)
+    direct = compose(TASK.replace("model=smollm2", "model=hf") + f" model.path={as_hf.path} model.dtype=float32 "
+                     "model.lora.target_modules=[q_proj,v_proj] model.task=causal_lm")
+    assert as_hf == direct.model
+    spaces = [Workspace(preset), Workspace(direct)]
+    encoded = [ws.encoded("train") for ws in spaces]
+    assert torch.equal(encoded[0].input_ids, encoded[1].input_ids) and torch.equal(encoded[0].labels, encoded[1].labels)
+    states = [ws.initial_arrays() for ws in spaces]
+    assert states[0].keys() == states[1].keys() and all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+    batch = encoded[0].batch(torch.arange(2))
+    for ws in spaces:  # a cached model may have trained in an earlier test
+        load_trainable_state(ws.model(), ws.initial_arrays())
+    with torch.no_grad():
+        logits = [ws.model()(**batch).logits for ws in spaces]
+    assert torch.equal(logits[0], logits[1])

@@ -14,6 +14,7 @@ from fedtune.config.sections import (EvalConfig, FaultsConfig, FederationConfig,
                                      TrainConfig)
 from fedtune.errors import ConfigError
 from fedtune.models.causal_lm import check_model_dataset
+from fedtune.models.preflight import check_quantized_base
 from fedtune.privacy.options import NoPrivacyConfig
 from fedtune.registry import DATASETS, METHODS, MODELS, PRIVACY, TRACKING
 from fedtune.schedule import check_schedule
@@ -82,4 +83,5 @@ def from_dict(data: dict[str, Any]) -> RunConfig:
                           f"(dataset=hf), got dataset={cfg.dataset.name} without one")
     PRIVACY.get(cfg.privacy.name).check(cfg)  # e.g. privacy=dp_sgd with a zeroth-order method: refused here
     check_schedule(cfg)  # e.g. train.warmup_steps with a zeroth-order method: refused here
+    check_quantized_base(cfg)  # a quantized base under a method that updates or merges into it: refused here
     return cfg

@@ -96,6 +96,7 @@ class FedtuneStrategy(Strategy):
         self.node_of: dict[int, int] = {}  # partition id -> node id
         self.partition_of_node: dict[int, int] = {}
         self.global_arrays: Arrays = {}
+        self._initialized = False  # a causal LM's global state may be empty (no head), e.g. FLoRA's
         self.client_epsilon: dict[int, float] = {}  # DP: latest ε each client reported
         self._grid: MeteredGrid | None = None
         self._resuming = False  # set by start(resume=...): the next roll-call re-syncs, not sets up
@@ -116,6 +117,7 @@ class FedtuneStrategy(Strategy):
     def initialize(self, arrays: Arrays) -> None:
         """Set the initial global state (called once by :meth:`start`)."""
         self.global_arrays = {k: v.clone() for k, v in arrays.items()}
+        self._initialized = True
 
     def setup(self, grid: Grid, server_round: int) -> None:
         """One-time exchange before the first training round (default: none).
@@ -217,7 +219,7 @@ class FedtuneStrategy(Strategy):
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
-        if not self.global_arrays:
+        if not self._initialized:
             self.initialize(arrays.to_torch_state_dict())
         if isinstance(grid, MeteredGrid):
             grid.server_round = server_round

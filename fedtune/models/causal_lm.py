@@ -202,16 +202,26 @@ def smollm2_tokenizer(cfg: SmolLM2Config) -> Any:
     return load_smollm2_tokenizer(cfg.cache, cfg.cache_dir)
 
 
-def build_smollm2(cfg: SmolLM2Config, num_labels: int, seed: int) -> Any:
-    """The frozen fp32 ``LlamaForCausalLM`` (``num_labels`` and ``seed`` are unused: nothing is new)."""
-    _offline()
-    import torch
-    from transformers import AutoModelForCausalLM
+def smollm2_as_hf(cfg: SmolLM2Config) -> Any:
+    """``model=smollm2`` is ``model=hf`` on the cached fp32 checkpoint folder (written on first use);
+    None with ``model.cache=false`` (dequantised from the GGUF on every load instead)."""
+    from fedtune.models.hf import HFModelConfig
 
     ckpt = ensure_checkpoint(cfg)
     if ckpt is None:
+        return None
+    return HFModelConfig(path=str(ckpt), task="causal_lm", max_length=cfg.max_length, dtype="float32", lora=cfg.lora)
+
+
+def build_smollm2(cfg: SmolLM2Config, num_labels: int, seed: int, device: Any = "cpu") -> Any:
+    """The frozen fp32 ``LlamaForCausalLM`` (``num_labels`` and ``seed`` are unused: nothing is new)."""
+    from fedtune.models.hf import load_base
+
+    _offline()
+    hf = smollm2_as_hf(cfg)
+    if hf is None:
         return load_from_gguf()[0]
-    return strip_quantization(_quietly(lambda: AutoModelForCausalLM.from_pretrained(str(ckpt), dtype=torch.float32)))
+    return strip_quantization(load_base(hf, num_labels, seed, device))
 
 
 def is_causal_lm(model: Any) -> bool:
@@ -236,4 +246,5 @@ def check_model_dataset(model_cfg: Any, dataset_cfg: Any) -> None:
                           f"({', '.join(causal)}), got model={model_name}")
 
 
-MODELS.register("smollm2", ModelSpec(build_smollm2, SmolLM2Config, tokenizer=smollm2_tokenizer, kind="causal_lm"))
+MODELS.register("smollm2", ModelSpec(build_smollm2, SmolLM2Config, tokenizer=smollm2_tokenizer, kind="causal_lm",
+                                     as_hf=smollm2_as_hf))

@@ -4,7 +4,14 @@
 read from the checkpoint's architecture unless ``model.task`` says it: a ``*ForCausalLM``
 trains on instruction data, anything else gets a sequence-classification head sized by
 the dataset's labels.  The tokenizer comes from the same path; a missing pad token is set
-to the EOS token (said once), because batches are padded.
+to the EOS token (said once), because batches are padded; a chat template, when the
+tokenizer has one, frames instruction prompts (:mod:`fedtune.data.chat_encoding`).
+
+``model.dtype`` and ``model.quantization`` (bitsandbytes NF4 / int8, then peft's
+``prepare_model_for_kbit_training``: QLoRA) decide how the frozen base is held; a quantized
+base is placed on its device at load time (bitsandbytes quantizes while placing), every
+other base by the :class:`~fedtune.runtime.workspace.Workspace`.  The built-in ``minilm``
+and ``smollm2`` load through :func:`load_base` too (their ``as_hf`` configs).
 """
 
 from __future__ import annotations
@@ -14,7 +21,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
-from fedtune.errors import ConfigError
+from fedtune.models.hf_source import DTYPES, QUANTIZATIONS, load_config, quantization_config, resolve_dtype
 from fedtune.models.zoo import LoRAConfig, ModelSpec, _offline
 from fedtune.registry import MODELS
 
@@ -31,7 +38,12 @@ class HFModelConfig:
     task : auto (from the checkpoint's architecture) | causal_lm | classification.
     trust_remote_code : run the repository's own modelling code (off unless you trust it).
     max_length : tokens per example.
-    lora : peft LoRA settings (target names are the model's module names).
+    dtype : auto (bfloat16 on a CUDA GPU that supports it, else float32) | float32 | bfloat16 | float16.
+    quantization : none | 4bit (bitsandbytes NF4) | 8bit (bitsandbytes LLM.int8()): a frozen
+        quantized base under a LoRA-family method (QLoRA).
+    gradient_checkpointing : recompute activations in the backward pass (less memory, same gradients).
+    lora : peft LoRA settings; ``target_modules: auto`` is peft's default for the architecture,
+        else names matched by dotted suffix, as peft matches them.
     """
 
     name: str = "hf"
@@ -40,11 +52,18 @@ class HFModelConfig:
     task: str = "auto"
     trust_remote_code: bool = False
     max_length: int = 256
-    lora: LoRAConfig = field(default_factory=lambda: LoRAConfig(target_modules=["q_proj", "v_proj"]))
+    dtype: str = "auto"
+    quantization: str = "none"
+    gradient_checkpointing: bool = False
+    lora: LoRAConfig = field(default_factory=lambda: LoRAConfig(target_modules="auto"))
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:
             raise ValueError(f"task: unknown {self.task!r}; accepted: {', '.join(TASKS)}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype: unknown {self.dtype!r}; accepted: {', '.join(DTYPES)}")
+        if self.quantization not in QUANTIZATIONS:
+            raise ValueError(f"quantization: unknown {self.quantization!r}; accepted: {', '.join(QUANTIZATIONS)}")
         if self.max_length < 1:
             raise ValueError(f"max_length must be >= 1, got {self.max_length}")
 
@@ -56,11 +75,8 @@ def _load_kwargs(cfg: HFModelConfig) -> dict[str, Any]:
     return kwargs
 
 
-@functools.lru_cache(maxsize=8)
 def _architectures(path: str, revision: str, trust_remote_code: bool) -> tuple[str, ...]:
-    from transformers import AutoConfig
-
-    config = AutoConfig.from_pretrained(path, revision=revision or None, trust_remote_code=trust_remote_code)
+    config = load_config(path, revision, trust_remote_code)
     return tuple(getattr(config, "architectures", None) or ())
 
 
@@ -68,8 +84,6 @@ def hf_task(cfg: HFModelConfig) -> str:
     """``causal_lm`` or ``classification``: ``model.task``, else read from the checkpoint's config."""
     if cfg.task != "auto":
         return cfg.task
-    if not cfg.path:
-        raise ConfigError("model.path is required for model=hf: a hub id or a local folder that from_pretrained loads")
     archs = _architectures(cfg.path, cfg.revision, cfg.trust_remote_code)
     return "causal_lm" if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs) else "classification"
 
@@ -94,25 +108,68 @@ def hf_tokenizer(cfg: HFModelConfig) -> Any:
     return _tokenizer(cfg.path, cfg.revision, cfg.trust_remote_code)
 
 
-def build_hf(cfg: HFModelConfig, num_labels: int, seed: int) -> Any:
+def build_hf(cfg: HFModelConfig, num_labels: int, seed: int, device: Any = "cpu") -> Any:
     """The frozen base: a causal LM as saved, or the encoder with a new head seeded from the run seed."""
+    return load_base(cfg, num_labels, seed, device)
+
+
+def load_base(cfg: HFModelConfig, num_labels: int, seed: int, device: Any = "cpu") -> Any:
+    """The one loading path of every pretrained model (``model=hf``, ``minilm``, ``smollm2``)."""
     import transformers
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     from fedtune.randomness import seed_torch
 
     _offline_if_set()
+    dtype = resolve_dtype(cfg.dtype, device)
+    kwargs = {**_load_kwargs(cfg), "dtype": dtype}
+    if (quant := quantization_config(cfg.quantization, dtype)) is not None:
+        kwargs.update(quantization_config=quant, device_map={"": _placement(device)})  # quantized while placed
     seed_torch(seed, "model-init")  # a new classification head is identical on every party
     verbosity = transformers.logging.get_verbosity()
     transformers.logging.set_verbosity_error()  # "newly initialised head" is expected
     transformers.logging.disable_progress_bar()
     try:
         if hf_task(cfg) == "causal_lm":
-            return AutoModelForCausalLM.from_pretrained(cfg.path, **_load_kwargs(cfg))
-        return AutoModelForSequenceClassification.from_pretrained(cfg.path, num_labels=num_labels,
-                                                                  ignore_mismatched_sizes=True, **_load_kwargs(cfg))
+            model = AutoModelForCausalLM.from_pretrained(cfg.path, **kwargs)
+        else:
+            model = AutoModelForSequenceClassification.from_pretrained(cfg.path, num_labels=num_labels,
+                                                                       ignore_mismatched_sizes=True, **kwargs)
     finally:
         transformers.logging.set_verbosity(verbosity)
+    if model.config.pad_token_id is None:  # a classifier finds each row's last token by the pad id
+        model.config.pad_token_id = hf_tokenizer(cfg).pad_token_id
+    return _prepare(model, cfg)
+
+
+def _placement(device: Any) -> str:
+    """A ``device_map`` target: this process's GPU (Ray's ``num_gpus`` share makes it index 0), or the CPU."""
+    import torch
+
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        return f"cuda:{torch.cuda.current_device()}"
+    return str(device)
+
+
+def _prepare(model: Any, cfg: HFModelConfig) -> Any:
+    """QLoRA's preparation of a quantized base (peft casts norms to fp32, makes inputs require
+    grad), or plain gradient checkpointing; non-reentrant, so frozen inputs still backpropagate."""
+    ckpt_kwargs = {"use_reentrant": False}
+    if cfg.quantization != "none":
+        from peft import prepare_model_for_kbit_training
+
+        return prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing,
+                                               gradient_checkpointing_kwargs=ckpt_kwargs)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=ckpt_kwargs)
+    return model
+
+
+def is_quantized(model: Any) -> bool:
+    """A bitsandbytes base: placed at load time, never moved afterwards."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return bool(getattr(inner, "is_quantized", False))
 
 
 def _offline_if_set() -> None:
@@ -123,4 +180,5 @@ def _offline_if_set() -> None:
         _offline()
 
 
-MODELS.register("hf", ModelSpec(build_hf, HFModelConfig, tokenizer=hf_tokenizer, kind="causal_lm", kind_of=hf_kind))
+MODELS.register("hf", ModelSpec(build_hf, HFModelConfig, tokenizer=hf_tokenizer, kind="causal_lm", kind_of=hf_kind,
+                                as_hf=lambda cfg: cfg))

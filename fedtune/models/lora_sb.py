@@ -34,6 +34,7 @@ from torch.nn import functional as F
 
 from fedtune.errors import PayloadError
 from fedtune.models.state import check_arrays
+from fedtune.models.targets import matched
 from fedtune.randomness import seed_torch
 
 HEAD_MODULES = ("classifier", "score")  # what peft's SEQ_CLS keeps trainable (modules_to_save)
@@ -92,10 +93,14 @@ class LoRASBModel(nn.Module):
         self.target_modules = list(target_modules)
         for p in model.parameters():
             p.requires_grad_(False)
-        targets = [name for name, mod in model.named_modules()
-                   if isinstance(mod, nn.Linear) and name.rsplit(".", 1)[-1] in self.target_modules]
+        targets = [name for name in matched((n for n, _ in model.named_modules()), self.target_modules)
+                   if name.rsplit(".", 1)[-1] not in HEAD_MODULES]  # peft's rule (fedtune.models.targets)
         if not targets:
             raise ValueError(f"target_modules {self.target_modules} match no nn.Linear of the model")
+        for name in targets:
+            if not isinstance(model.get_submodule(name), nn.Linear):
+                raise ValueError(f"target_modules: {name} is a {type(model.get_submodule(name)).__name__}, "
+                                 "not the nn.Linear LoRA-SB wraps")
         for name in targets:
             parent, _, child = name.rpartition(".")
             owner = model.get_submodule(parent) if parent else model

@@ -33,9 +33,11 @@ class LoRAConfig:
     rank: int = 8
     alpha: float = 16.0
     dropout: float = 0.0
-    target_modules: list[str] = field(default_factory=lambda: ["query", "value"])
+    target_modules: Any = field(default_factory=lambda: ["query", "value"])  # a list, or "auto" (peft's default)
 
     def __post_init__(self) -> None:
+        if isinstance(self.target_modules, str) and self.target_modules != "auto":
+            raise ValueError(f"target_modules must be a list, got {self.target_modules!r} (or auto: peft's default)")
         if self.rank <= 0:
             raise ValueError(f"rank must be a positive integer, got {self.rank}")
         if not (self.alpha > 0 and math.isfinite(self.alpha)):
@@ -53,6 +55,8 @@ def check_bert_targets(lora: LoRAConfig) -> None:
     """Refuse LoRA targets that name no linear layer of a BERT-shaped model (peft would only
     fail once the model is built, after Ray has started).  An entry matches the way peft
     matches it, by its last name (``attention.self.query`` is a ``query``)."""
+    if lora.target_modules == "auto":
+        return
     for target in lora.target_modules:
         if target.rsplit(".", 1)[-1] not in BERT_LINEARS:
             raise ValueError(f"lora.target_modules: {target!r} names no linear layer of this BERT model; "
@@ -102,10 +106,13 @@ class MiniLMConfig:
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """How to build a registered model: ``build(cfg, num_labels, seed) -> nn.Module``.
+    """How to build a registered model: ``build(cfg, num_labels, seed, device) -> nn.Module``.
 
     ``tokenizer(cfg)`` returns the model's tokenizer (None: the MiniLM WordPiece one);
-    ``kind`` is ``"classifier"`` (sequence classification) or ``"causal_lm"``.
+    ``kind`` is ``"classifier"`` (sequence classification) or ``"causal_lm"``;
+    ``as_hf(cfg)`` is the :class:`~fedtune.models.hf.HFModelConfig` a pretrained preset
+    loads as (None: built from a config, like ``tiny``), so it loads one way; ``as_hf`` may
+    return None for a config with no folder to load (``smollm2`` with ``model.cache=false``).
     """
 
     build: Callable[..., Any]
@@ -113,6 +120,7 @@ class ModelSpec:
     tokenizer: Callable[[Any], Any] | None = None
     kind: str = "classifier"
     kind_of: Callable[[Any], str] | None = None  # the kind read from the config (model=hf: model.task)
+    as_hf: Callable[[Any], Any] | None = None
 
 
 def model_kind(model_cfg: Any) -> str:
@@ -143,7 +151,7 @@ def load_tokenizer() -> Any:
     return AutoTokenizer.from_pretrained(minilm_dir())
 
 
-def build_tiny(cfg: TinyModelConfig, num_labels: int, seed: int) -> Any:
+def build_tiny(cfg: TinyModelConfig, num_labels: int, seed: int, device: Any = "cpu") -> Any:
     from transformers import BertConfig, BertForSequenceClassification
 
     from fedtune.randomness import seed_torch
@@ -159,22 +167,20 @@ def build_tiny(cfg: TinyModelConfig, num_labels: int, seed: int) -> Any:
     return BertForSequenceClassification(bert)
 
 
-def build_minilm(cfg: MiniLMConfig, num_labels: int, seed: int) -> Any:
+def minilm_as_hf(cfg: MiniLMConfig) -> Any:
+    """``model=minilm`` is ``model=hf`` on the packaged folder, a new classification head."""
+    from fedtune.models.hf import HFModelConfig
+
+    return HFModelConfig(path=minilm_dir(), task="classification", max_length=cfg.max_length,
+                         dtype="float32", lora=cfg.lora)
+
+
+def build_minilm(cfg: MiniLMConfig, num_labels: int, seed: int, device: Any = "cpu") -> Any:
+    from fedtune.models.hf import load_base
+
     _offline()
-    import transformers
-    from transformers import AutoModelForSequenceClassification
-
-    from fedtune.randomness import seed_torch
-
-    seed_torch(seed, "model-init")  # the new classifier head is identical on every party
-    verbosity = transformers.logging.get_verbosity()
-    transformers.logging.set_verbosity_error()  # "classifier.* newly initialised" is expected
-    transformers.logging.disable_progress_bar()
-    try:
-        return AutoModelForSequenceClassification.from_pretrained(minilm_dir(), num_labels=num_labels)
-    finally:
-        transformers.logging.set_verbosity(verbosity)
+    return load_base(minilm_as_hf(cfg), num_labels, seed, device)
 
 
 MODELS.register("tiny", ModelSpec(build_tiny, TinyModelConfig))
-MODELS.register("minilm", ModelSpec(build_minilm, MiniLMConfig))
+MODELS.register("minilm", ModelSpec(build_minilm, MiniLMConfig, as_hf=minilm_as_hf))

@@ -83,7 +83,10 @@ def simulate(cfg: RunConfig, out_dir: str | Path, resume: bool = False, sweep: P
     ``resume``: continue ``out_dir`` from its checkpoint (:func:`fedtune.flower.server_app.resume_point`).
     ``sweep``: the Hydra multirun directory ``out_dir`` is a job of (groups its tracked runs).
     """
+    from fedtune.models.preflight import preflight
+
     quiet_libraries(cfg.runtime.log_level)
+    preflight(cfg)  # bad model input is one line, before Ray starts
     from fedtune.runtime.workspace import Workspace
 
     Workspace(cfg).partitions()  # data present, readable, partitionable: a ConfigError before Ray (cached for the server)

@@ -100,10 +100,13 @@ class Workspace:
 
     def _built(self) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
         def make() -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
+            from fedtune.models.hf import is_quantized
             from fedtune.models.state import trainable_state
 
-            base = MODELS.get(self.cfg.model.name).build(self.cfg.model, self.data.num_labels, self.cfg.seed)
-            base.to(self.device)  # device first, then the adapter (Opacus issue 820), then DP
+            base = MODELS.get(self.cfg.model.name).build(self.cfg.model, self.data.num_labels, self.cfg.seed,
+                                                         device=self.device)
+            if not is_quantized(base):  # bitsandbytes placed it while loading; it cannot move
+                base.to(self.device)  # device first, then the adapter (Opacus issue 820), then DP
             model = self.trainer.build_model(base, self.cfg)
             return model, trainable_state(model)
 
