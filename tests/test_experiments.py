@@ -5,7 +5,8 @@ As published they need the Hugging Face hub and a GPU.  Here each one is compose
 (a tiny random Llama checkpoint, a data file with the experiment's own column names), on
 the CPU.  The composed config must keep the published settings; then one round runs through
 the real ServerApp and ClientApps in process, scaled to a CPU test (the overrides are
-listed in ``SCALED``: clients, rounds, seeds, local steps and evaluation size only).
+listed in ``SCALED`` and ``COMMON``: clients, rounds, seeds, local steps, the test carve of a
+160-example stand-in, and evaluation size only).
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ SCALED = {
     "fed_sb_metamath": ["federation.num_clients=2", "strategy.rank=8", "strategy.init_samples=4", "train.batch_size=4",
                         "train.local_steps=2", "model.lora.target_modules=[q_proj,v_proj,up_proj]"],
 }
-COMMON = ["num_rounds=1", "eval.max_examples=4", "eval.max_new_tokens=4", "eval.batch_size=4", "model.max_length=96",
+COMMON = ["num_rounds=1", "dataset.test_fraction=0.25", "eval.max_examples=4", "eval.max_new_tokens=4", "eval.batch_size=4", "model.max_length=96",
           "runtime.device=cpu", "seed=0"]
 
 
