@@ -227,3 +227,17 @@ def test_minilm_is_model_hf_on_its_packaged_folder() -> None:
     seed_torch(7, "model-init")
     plain = AutoModelForSequenceClassification.from_pretrained(minilm_dir(), num_labels=4).state_dict()
     assert built.keys() == plain.keys() and all(torch.equal(built[k], plain[k]) for k in plain)
+
+
+def test_a_mismatched_model_and_data_format_names_the_deciding_field(checkpoints: dict[str, Path],
+                                                                     tmp_path: Path) -> None:
+    from hf_testing import write_dataset
+
+    labels, alpaca = write_dataset(tmp_path / "t.jsonl", "text_label"), write_dataset(tmp_path / "a.jsonl", "alpaca")
+    cases = [(checkpoints["llama"], labels, "text_label", "dataset.format: model=hf is a causal LM"),
+             (checkpoints["bert"], alpaca, "alpaca", "model.task: dataset=hf is an instruction task")]
+    for model_dir, data, fmt, words in cases:
+        with pytest.raises(ConfigError, match=words) as err:
+            compose(["model=hf", f"model.path={model_dir}", "dataset=hf", f"dataset.path={data}",
+                     f"dataset.format={fmt}"])
+        assert "\n" not in str(err.value)

@@ -237,10 +237,17 @@ def check_model_dataset(model_cfg: Any, dataset_cfg: Any) -> None:
 
     model_name, dataset_name = model_cfg.name, dataset_cfg.name
     if model_kind(model_cfg) == "causal_lm" and dataset_kind(dataset_cfg) != "instruction":
+        if hasattr(dataset_cfg, "format"):  # dataset=hf: the format decides
+            raise ConfigError(f"dataset.format: model={model_name} is a causal LM and needs an instruction format "
+                              f"(alpaca, chat, prompt_completion), got {dataset_cfg.format}")
         instruct = [n for n in DATASETS.names() if DATASETS.get(n).kind == "instruction"]
         raise ConfigError(f"dataset.name: model={model_name} is a causal LM and needs an instruction "
                           f"dataset ({', '.join(instruct)}), got dataset={dataset_name}")
     if model_kind(model_cfg) != "causal_lm" and dataset_kind(dataset_cfg) == "instruction":
+        if hasattr(model_cfg, "task"):  # model=hf: the checkpoint's architecture or model.task decides
+            raise ConfigError(f"model.task: dataset={dataset_name} is an instruction task for a causal LM, but "
+                              f"model.path={model_cfg.path} loads as a classifier (a *ForCausalLM checkpoint, "
+                              f"or model.task=causal_lm)")
         causal = [n for n in MODELS.names() if MODELS.get(n).kind == "causal_lm"]
         raise ConfigError(f"model.name: dataset={dataset_name} is an instruction task for a causal LM "
                           f"({', '.join(causal)}), got model={model_name}")
