@@ -35,9 +35,13 @@ from fedtune.data.prompt_encoding import GenerationSet, GenerativeEval
 
 @functools.lru_cache(maxsize=1)
 def _scorer() -> Any:
-    from rouge_score import rouge_scorer
+    """rouge-score's Rouge-L scorer with its default tokenizer, passed explicitly: left to pick
+    it, the scorer logs through absl, whose first log call installs a stderr handler on the
+    root logger (``logging.basicConfig``) that outlives whatever stream stderr was then."""
+    from rouge_score import rouge_scorer, tokenizers
 
-    return rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
+    return rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False,
+                                    tokenizer=tokenizers.DefaultTokenizer(use_stemmer=False))
 
 
 def rouge_l(prediction: str, reference: str) -> float:

@@ -18,6 +18,22 @@ os.environ["MPLBACKEND"] = "Agg"
 
 from pathlib import Path  # noqa: E402
 
+
+def _absl_writes_to_the_real_stderr() -> None:
+    """rouge-score logs through absl, whose handler binds the stderr of the moment it is
+    imported and, when logging is reconfigured (Hydra does so in every in-process
+    ``fedtune run``), closes that stream unless it is the *current* sys.stderr.  Under pytest
+    the stream of the moment is pytest's capture, so a later test closing it would end the
+    session: bind absl to the process's real stderr instead."""
+    import sys
+
+    from absl import logging as absl_logging
+
+    absl_logging.get_absl_handler().python_handler.stream = sys.__stderr__
+
+
+_absl_writes_to_the_real_stderr()
+
 import pytest  # noqa: E402
 
 from fedtune.runtime.processes import process_table  # noqa: E402
