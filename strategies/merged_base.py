@@ -32,7 +32,7 @@ import torch
 from fedtune.flower.strategy import Arrays, FedtuneStrategy
 from fedtune.models.base_delta import DELTA, DELTA_A, DELTA_B, set_base, split_deltas
 from fedtune.models.export import save_base_delta
-from fedtune.models.zoo import LoRAConfig
+from fedtune.models.spec import LoRAConfig
 from strategies.lora_math import lora_pairs, require_choice
 
 DELTA_MODES = ("dense", "factored")

@@ -14,7 +14,6 @@ from fedtune.config.sections import (EvalConfig, FaultsConfig, FederationConfig,
                                      TrainConfig)
 from fedtune.errors import ConfigError
 from fedtune.models.causal_lm import check_model_dataset
-from fedtune.models.preflight import check_quantized_base
 from fedtune.privacy.options import NoPrivacyConfig
 from fedtune.registry import DATASETS, METHODS, MODELS, PRIVACY, TRACKING
 from fedtune.schedule import check_schedule
@@ -85,3 +84,16 @@ def from_dict(data: dict[str, Any]) -> RunConfig:
     check_schedule(cfg)  # e.g. train.warmup_steps with a zeroth-order method: refused here
     check_quantized_base(cfg)  # a quantized base under a method that updates or merges into it: refused here
     return cfg
+
+
+def check_quantized_base(cfg: Any) -> None:
+    """Refuse a quantized base under a method that does not declare ``quantized_base``."""
+    quantization = getattr(cfg.model, "quantization", "none")
+    if quantization == "none":
+        return
+    support = METHODS.get(cfg.strategy.name).capabilities.quantized_base
+    if not support.ok:
+        accepted = [spec.name for spec in METHODS.values() if spec.capabilities.quantized_base.ok]
+        raise ConfigError(f"model.quantization: strategy={cfg.strategy.name} cannot train on a {quantization} base: "
+                          f"{support.reason}; accepted: model.quantization=none, or strategy={', '.join(accepted)}")
+    support.check(cfg.strategy, f"model.quantization={quantization}")

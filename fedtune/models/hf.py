@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fedtune.models.hf_source import DTYPES, QUANTIZATIONS, load_config, quantization_config, resolve_dtype
-from fedtune.models.zoo import LoRAConfig, ModelSpec, _offline
+from fedtune.models.spec import LoRAConfig, ModelSpec, _offline
 from fedtune.registry import MODELS
 
 TASKS = ("auto", "causal_lm", "classification")

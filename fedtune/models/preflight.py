@@ -11,21 +11,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from fedtune.errors import ConfigError
+from fedtune.config.run import check_quantized_base
 from fedtune.registry import METHODS, MODELS
-
-
-def check_quantized_base(cfg: Any) -> None:
-    """Refuse a quantized base under a method that does not declare ``quantized_base``."""
-    quantization = getattr(cfg.model, "quantization", "none")
-    if quantization == "none":
-        return
-    support = METHODS.get(cfg.strategy.name).capabilities.quantized_base
-    if not support.ok:
-        accepted = [spec.name for spec in METHODS.values() if spec.capabilities.quantized_base.ok]
-        raise ConfigError(f"model.quantization: strategy={cfg.strategy.name} cannot train on a {quantization} base: "
-                          f"{support.reason}; accepted: model.quantization=none, or strategy={', '.join(accepted)}")
-    support.check(cfg.strategy, f"model.quantization={quantization}")
 
 
 def preflight(cfg: Any) -> Any:
