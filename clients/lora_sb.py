@@ -6,10 +6,11 @@ Fed-SB (Singhal et al., arXiv 2502.15436) on LoRA-SB (Ponkshe et al., arXiv
 
 ``setup`` serves the strategy's two one-time ``train.setup`` messages:
 
-* **no arrays** → the request for the init gradient: the mean full-weight gradient
-  ``G_l = ∂L/∂W0_l`` of every adapted module, with the adapter off, over
-  ``strategy.init_samples`` of this client's examples (seeded per partition), uploaded
-  as fp32 or as its int8 sign (``strategy.init_upload``);
+* **no arrays** → the request for the init gradient (``strategy.init_source=clients``
+  only): the mean full-weight gradient ``G_l = ∂L/∂W0_l`` of every adapted module, with
+  the adapter off, over ``strategy.init_samples`` of this client's examples (seeded per
+  partition, :func:`strategies.fed_sb_init.init_batches`), uploaded as fp32 or as its
+  int8 sign (``strategy.init_upload``);
 * **the bases** ``{<module>.sb_B, <module>.sb_A}`` → they are loaded into the model and
   kept in the client's persistent state (Flower ``Context.state``), so they cross the
   network exactly once, whichever process later serves this client.
@@ -25,25 +26,17 @@ from typing import Any
 import torch
 
 from fedtune.config.run import RunConfig
-from fedtune.models.lora_sb import LoRASBModel, adapters_disabled, full_weight_gradients, set_bases
+from fedtune.models.lora_sb import LoRASBModel, base_gradients, set_bases
+from fedtune.models.state import load_trainable_state
 from fedtune.models.targets import resolve_targets
-from fedtune.randomness import seed_torch, torch_generator
+from fedtune.randomness import seed_torch
 from fedtune.registry import TRAINERS
 from fedtune.trainer import TrainContext
 
 from clients.lora_sgd import LoRATrainer
+from strategies.fed_sb_init import init_batches
 
 STATE_PREFIX = "fed-sb/"  # keys of the bases in TrainContext.state
-
-
-def init_batches(workspace: Any, partition_id: int) -> list[dict[str, torch.Tensor]]:
-    """This client's init-gradient batches: ``init_samples`` of its examples (seeded)."""
-    cfg: RunConfig = workspace.cfg
-    indices = torch.as_tensor(workspace.partitions()[partition_id], dtype=torch.long)
-    gen = torch_generator(cfg.seed, "fed-sb-init", partition_id)
-    chosen = indices[torch.randperm(len(indices), generator=gen)[: cfg.strategy.init_samples]]
-    encoded = workspace.encoded("train")
-    return [encoded.batch(idx, workspace.device) for idx in chosen.split(cfg.strategy.init_batch_size)]
 
 
 class LoRASBTrainer(LoRATrainer):
@@ -66,14 +59,11 @@ class LoRASBTrainer(LoRATrainer):
             ctx.state.update({STATE_PREFIX + k: v for k, v in arrays.items()})
             return {}, {"num-modules": len(arrays) // 2}
         cfg: RunConfig = workspace.cfg
-        batches = init_batches(workspace, ctx.partition_id)
+        batches = init_batches(workspace, workspace.partitions()[ctx.partition_id], cfg.strategy.init_samples,
+                               ctx.partition_id)
+        load_trainable_state(model, workspace.initial_arrays())  # round 0's head, whatever this process served before
         seed_torch(cfg.seed, "fed-sb-init", ctx.partition_id)
-        model.train()
-        try:
-            with adapters_disabled(model):
-                grads, loss = full_weight_gradients(model, batches)
-        finally:
-            model.eval()
+        grads, loss = base_gradients(model, batches)
         if cfg.strategy.init_upload == "sign":
             grads = {k: torch.sign(g).to(torch.int8) for k, g in grads.items()}
         num_examples = sum(len(b["labels"]) for b in batches)

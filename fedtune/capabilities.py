@@ -72,7 +72,9 @@ class Capabilities:
     client_dp : ``privacy=client_dp`` (Flower's fixed-clipping wrapper around the
         strategy) is sound: the released state is the uniform mean of the uploads.
     setup_on_client_data : what a one-time setup computes on client data outside any DP
-        mechanism; written to summary.json's ``privacy.not_accounted`` ("" = no such setup).
+        mechanism; written to summary.json's ``privacy.not_accounted`` ("" = no such setup);
+        a callable of the run's ``strategy`` section where the answer depends on its options
+        (read it through :meth:`setup_note`).
     sum_only : the aggregate is a function of ``Σ_k p_k·upload_k`` taken key by key (so
         it could run under secure aggregation), with the conditions under which it is.
     identical_updates_fixed_point : identical client uploads aggregate to that upload.
@@ -87,13 +89,18 @@ class Capabilities:
 
     example_dp: Support = undeclared("that its local updates are DP-SGD steps")
     client_dp: Support = undeclared("that its aggregate is a uniform mean of the uploaded payload")
-    setup_on_client_data: str = ""
+    setup_on_client_data: str | Callable[[Any], str] = ""
     sum_only: Support = undeclared("that its aggregate needs only the weighted sum of the uploads")
     identical_updates_fixed_point: bool = False
     lr_schedule: Support = undeclared("that its step size follows train.lr_schedule")
     warmup: Support = undeclared("that its local steps follow train.warmup_steps")
     step_size: str = "train.lr"
     quantized_base: Support = undeclared("that it trains on a frozen quantized base")
+
+    def setup_note(self, section: Any) -> str:
+        """:attr:`setup_on_client_data` for a run whose ``strategy`` section is ``section``."""
+        note = self.setup_on_client_data
+        return note(section) if callable(note) else note
 
 
 def nbytes(arrays: Mapping[str, Any]) -> int:

@@ -17,12 +17,15 @@ Run::
 
     .venv/bin/python simulations/study.py                      # all strategies, seeds 0 1 2, dir0.1 dir0.5 iid, 20 rounds
     .venv/bin/python simulations/study.py --strategies fedavg_lora ffa_lora fed_sb --partitions dir0.5 --rounds 10
+    .venv/bin/python simulations/study.py --strategies fed_sb fed_sb_sign fed_sb_server   # Fed-SB's three inits
     .venv/bin/python simulations/study.py --out /tmp/s --rounds 2 model=tiny dataset=tiny   # seconds per run
     .venv/bin/python simulations/study.py --report-only
     .venv/bin/python simulations/study.py --status             # which runs are done, running, left; time left
 
 Extra arguments of the form ``key=value`` are fedtune overrides applied to every run; they
 may stand anywhere, also after ``--strategies`` / ``--partitions`` / ``--seeds``.
+``--strategies`` also takes the named variants of :data:`VARIANTS` (a method with fixed
+options, a row and a curve of its own); the default grid is every registered method.
 """
 
 from __future__ import annotations
@@ -59,6 +62,21 @@ MINILM_STRATEGY_OVERRIDES = {
     "fedkseed": ["strategy.num_seeds=1024", "strategy.lr=1e-4"],
     "fedkseed_pro": ["strategy.num_seeds=1024", "strategy.lr=1e-4"],
 }
+
+
+# Named variants: OUT/<partition>/<variant>/ runs the method with these options.  Fed-SB's
+# one-time init (docs/methods.md#fed_sb): `fed_sb` uploads fp32 client gradients, these
+# upload int8 signs or nothing (the server's own init on a proxy sample).
+VARIANTS = {
+    "fed_sb_sign": ("fed_sb", ["strategy.init_upload=sign"]),
+    "fed_sb_server": ("fed_sb", ["strategy.init_source=server"]),
+}
+
+
+def method_of(strategy: str) -> tuple[str, list[str]]:
+    """The registered method a ``--strategies`` name runs, and the overrides it adds."""
+    method, options = VARIANTS.get(strategy, (strategy, []))
+    return method, list(options)
 
 
 @functools.lru_cache(maxsize=8)
@@ -106,8 +124,9 @@ def run_one(out: Path, partition: str, strategy: str, seed: int, rounds: int, ex
         cmd, done = [*cli, f"resume={d}", f"num_rounds={rounds}"], "resumed"
     else:
         shutil.rmtree(d, ignore_errors=True)  # failed or never checkpointed: start afresh
-        cmd = [*cli, f"strategy={strategy}", f"seed={seed}", f"num_rounds={rounds}", *PARTITIONS[partition],
-               *strategy_overrides(strategy, extra), *extra, f"hydra.run.dir={d}"]
+        method, options = method_of(strategy)
+        cmd = [*cli, f"strategy={method}", *options, f"seed={seed}", f"num_rounds={rounds}", *PARTITIONS[partition],
+               *strategy_overrides(method, extra), *extra, f"hydra.run.dir={d}"]
         done = "ran"
     log = d.parent / f"seed{seed}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
@@ -164,7 +183,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("Run::")[1])
     p.add_argument("--out", type=Path, default=Path("simulations/results/study"))
-    p.add_argument("--strategies", nargs="+", default=None, help="default: every registered strategy")
+    p.add_argument("--strategies", nargs="+", default=None,
+                   help=f"default: every registered strategy; variants: {', '.join(VARIANTS)}")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--partitions", nargs="+", default=list(PARTITIONS), choices=list(PARTITIONS))
     p.add_argument("--rounds", type=int, default=20)
@@ -179,9 +199,10 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(options)
     args.overrides = [*args.overrides, *overrides]
     strategies = args.strategies or METHODS.names()
-    unknown = sorted(set(strategies) - set(METHODS.names()))
+    accepted = [*METHODS.names(), *VARIANTS]
+    unknown = sorted(set(strategies) - set(accepted))
     if unknown:
-        p.error(f"--strategies: unknown {', '.join(unknown)}; accepted: {', '.join(METHODS.names())}")
+        p.error(f"--strategies: unknown {', '.join(unknown)}; accepted: {', '.join(accepted)}")
     if args.rounds < 1:
         p.error(f"--rounds must be >= 1, got {args.rounds}")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -7,8 +7,11 @@ Federated LoRA Fine-Tuning", arXiv 2502.15436) on LoRA-SB (Ponkshe et al., arXiv
 
 **One-time setup** (``setup``, messages ``train.setup``, metered as ``one_time``):
 
-1. every client uploads the mean full-weight gradient ``G_{l,k}`` of each target module
-   on ``init_samples`` of its examples (or its sign, as int8);
+1. ``init_source=clients``: every client uploads the mean full-weight gradient
+   ``G_{l,k}`` of each target module on ``init_samples`` of its examples (or its sign,
+   as int8); ``init_source=server``: the server computes one ``G_l`` itself on a proxy
+   sample of the training split it holds and nothing goes up
+   (:mod:`strategies.fed_sb_init` says which data and what that costs in privacy);
 2. the server forms ``ΔW_l = −η_eff · sign(Σ_k p_k G_{l,k})`` (the first AdamW step;
    ``η_eff`` = ``init_step``, default ``train.lr``) and its rank-r truncated SVD
    ``ΔW_l ≈ U S Vᵀ`` → ``B_l = U``, ``A_l = Vᵀ``, ``R0_l = S / s`` (``s = alpha/r``,
@@ -23,8 +26,8 @@ any number of clients and any participation.  (The official multi-round script k
 appending R's across rounds; that bug is not reproduced.)
 
 Bytes per client and round, each way: ``4·L·r²`` + head.  One-time: down
-``4·Σ_l r(m_l+n_l)`` (B, A) per client; up ``4·Σ_l m_l n_l`` (gradients) or
-``1·Σ_l m_l n_l`` (int8 signs) per client.
+``4·Σ_l r(m_l+n_l)`` (B, A) per client; up ``4·Σ_l m_l n_l`` (gradients), ``1·Σ_l m_l n_l``
+(int8 signs) or nothing (``init_source=server``) per client.
 """
 
 from __future__ import annotations
@@ -47,6 +50,7 @@ from fedtune.models.lora_sb import set_bases, update_approximation
 from fedtune.models.state import check_arrays, load_trainable_state
 from fedtune.models.targets import lora_preflight, matched, resolve_targets
 from fedtune.registry import register_method
+from strategies.fed_sb_init import INIT_SOURCES, server_gradients, setup_note
 from strategies.fedavg_lora import LOCAL_LR, state_each_way, weighted_average
 
 SETUP = "train.setup"
@@ -80,14 +84,20 @@ class FedSBConfig(MethodConfig):
 
         fedtune run strategy=fed_sb                                        # MiniLM, r = 32
         fedtune run strategy=fed_sb model=tiny dataset=tiny strategy.rank=8 num_rounds=3
+        fedtune run strategy=fed_sb strategy.init_source=server            # no init upload
 
     rank : r of every module (``L·r²`` trainable scalars); at most min(m, n).
     alpha : LoRA-SB scale numerator, ``s = alpha / rank``; ``null`` means alpha = rank, s = 1.
     weighting : ``uniform`` (official Fed-SB: plain mean) or ``examples``; used for
         both the init gradients and the cores.
-    init_samples, init_batch_size : examples per client for the init gradient, and
-        the batch size (the gradient is the mean of per-batch mean-loss gradients).
-    init_upload : ``gradient`` (fp32) or ``sign`` (int8, a quarter of the bytes).
+    init_source : who computes the init gradient: ``clients`` (each on its own data, then
+        uploads it) or ``server`` (on ``init_samples × num_clients`` examples of the
+        training split it holds, a stand-in for a public sample; no upload).
+    init_samples, init_batch_size : examples per client for the init gradient (the server
+        reads ``init_samples × num_clients``), and the batch size (the gradient is the
+        mean of per-batch mean-loss gradients).
+    init_upload : what a client uploads, ``gradient`` (fp32) or ``sign`` (int8, a quarter
+        of the bytes); ``init_source=clients`` only.
     init_step : ``η_eff`` of ``ΔW = −η_eff·sign(G)``; ``null`` = ``train.lr``.
     svd : ``exact`` (torch.linalg.svd) or ``lowrank`` (seeded svd_lowrank, niter 10).
     """
@@ -96,9 +106,10 @@ class FedSBConfig(MethodConfig):
     weighting: str = "uniform"  # uniform (official: plain mean) | examples
     rank: int = 32  # per module; L·r² trainable scalars (<= min(out, in) of every target)
     alpha: float | None = None  # s = alpha / rank; null = rank (s = 1, as the official code)
-    init_samples: int = 32  # examples per client for the one-time init gradient
+    init_source: str = "clients"  # clients (upload init gradients) | server (proxy sample, no upload)
+    init_samples: int = 32  # examples per client for the one-time init gradient (the server: × num_clients)
     init_batch_size: int = 8
-    init_upload: str = "gradient"  # gradient (fp32) | sign (int8)
+    init_upload: str = "gradient"  # gradient (fp32) | sign (int8); init_source=clients only
     init_step: float | None = None  # eta_eff in dW = -eta_eff·sign(G); null = train.lr
     svd: str = "exact"  # exact (torch.linalg.svd) | lowrank (seeded svd_lowrank, niter 10)
 
@@ -112,8 +123,13 @@ class FedSBConfig(MethodConfig):
             raise ValueError(f"init_samples must be >= 1, got {self.init_samples}")
         if self.init_batch_size < 1:
             raise ValueError(f"init_batch_size must be >= 1, got {self.init_batch_size}")
+        if self.init_source not in INIT_SOURCES:
+            raise ValueError(f"init_source: unknown {self.init_source!r}; accepted: {', '.join(INIT_SOURCES)}")
         if self.init_upload not in ("gradient", "sign"):
             raise ValueError(f"init_upload: unknown {self.init_upload!r}; accepted: gradient, sign")
+        if self.init_source == "server" and self.init_upload != "gradient":
+            raise ValueError(f"init_upload={self.init_upload} needs init_source=clients; with init_source=server "
+                             "the server computes the init gradient itself and no client uploads one")
         if self.init_step is not None and not 0 < self.init_step < float("inf"):
             raise ValueError(f"init_step must be a finite number > 0 (or null for train.lr), got {self.init_step}")
         if self.svd not in ("exact", "lowrank"):
@@ -135,8 +151,9 @@ class FedSB(FedtuneStrategy):
     name = "fed_sb"
     client_app_needs = (
         f"a '{SETUP}' handler that answers an empty ArrayRecord with its mean full-weight gradients "
-        f"('<module>{GRAD_SUFFIX}') and 'num-examples', then keeps the bases '<module>.sb_B'/'<module>.sb_A' "
-        "of the second such message in Context.state and trains the cores R on them in every round",
+        f"('<module>{GRAD_SUFFIX}') and 'num-examples' (init_source=clients), keeps the bases "
+        "'<module>.sb_B'/'<module>.sb_A' of the message that carries them in Context.state and trains the "
+        "cores R on them in every round",
     )
 
     config: FedSBConfig
@@ -144,19 +161,22 @@ class FedSB(FedtuneStrategy):
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.bases: Arrays = {}  # <module>.sb_B / .sb_A, fixed after setup
+        self.run_config: Any = None  # the whole RunConfig (from_config): the server's init data and model
 
     @classmethod
     def from_config(cls, cfg: Any) -> "FedSB":
         strategy = super().from_config(cfg)
         if strategy.config.init_step is None:  # Adam's first step moves each weight by ≈ lr
             strategy.config = dataclasses.replace(strategy.config, init_step=cfg.train.lr)
+        strategy.run_config = cfg  # type: ignore[attr-defined]
         return strategy  # type: ignore[return-value]
 
     # ------------------------------------------------------------------ setup
     def setup(self, grid: Grid, server_round: int) -> None:
-        """Collect init gradients from every client, factorise, broadcast B and A once."""
-        replies = self._setup_exchange(grid, server_round, {})
-        updates = self._gradient_updates(replies)
+        """Init gradients (from every client, or the server's own), factorise, broadcast B
+        and A once."""
+        updates = self._server_update() if self.config.init_source == "server" else \
+            self._gradient_updates(self._setup_exchange(grid, server_round, {}))
         if not updates:
             raise RuntimeError("Fed-SB setup: no client returned a valid init gradient")
         if self.config.init_step is None:
@@ -176,6 +196,13 @@ class FedSB(FedtuneStrategy):
             if reply.has_error():
                 log(WARNING, "Fed-SB setup: node %d did not store the bases: %s", reply.metadata.src_node_id,
                     reply.error.reason.strip().splitlines()[-1][:200])
+
+    def _server_update(self) -> list[ClientUpdate]:
+        """The server's own init gradient, as one update of weight 1 (nothing crosses the wire)."""
+        if self.run_config is None:
+            raise RuntimeError("Fed-SB setup: init_source=server needs the run's config (build it with from_config)")
+        grads, num_examples = server_gradients(self.run_config, self.load_into)
+        return [ClientUpdate(-1, num_examples, grads, {})]
 
     def _setup_exchange(self, grid: Grid, server_round: int, arrays: Arrays) -> list[Message]:
         """One ``train.setup`` message to every client: empty = "send your gradient"."""
@@ -247,16 +274,18 @@ register_method(
     capabilities=Capabilities(
         lr_schedule=LOCAL_LR, warmup=LOCAL_LR,
         example_dp=Support(True, "its clients train R and the head with the shared first-order loop, which "
-                                 "privacy=dp_sgd turns into DP-SGD"),
+                                 "privacy=dp_sgd turns into DP-SGD; its one-time init gradient is not noised, "
+                                 "and strategy.init_source=server keeps it off the clients' data"),
         client_dp=Support(True, "its global state is the uniform mean of the uploaded r×r cores and head",
                           (UNIFORM_WEIGHTING,)),
-        setup_on_client_data="Fed-SB's one-time init gradients are computed on client data without DP",
+        setup_on_client_data=setup_note,
         sum_only=Support(True, "R̄ and the head are Σ_k p_k of the uploads (the one-time ΔW is the sign of "
                                "Σ_k p_k G_k)"),
         identical_updates_fixed_point=True,
         quantized_base=Support(False, "its one-time LoRA-SB init needs the full-weight gradient ∂L/∂W0 of every "
                                       "target, which a quantized base does not have; use model.quantization=none")),
     payload=Payload(down="r×r cores R and head (fp32); once: bases B, A", up="r×r cores R and head (fp32); "
-                    "once: full-weight gradients (fp32) or their signs (int8)", formula=state_each_way),
+                    "once: full-weight gradients (fp32) or their signs (int8), or nothing (init_source=server)",
+                    formula=state_each_way),
     export=Export("LoRA-SB adapter: bases B, A, cores R and head (safetensors)"),
     quick=("strategy.rank=8", "strategy.init_step=0.01"), preflight=fed_sb_preflight)

@@ -179,7 +179,8 @@ def check_spec(spec: MethodSpec) -> None:
     trainer = TRAINERS.get(spec.trainer)
     assert spec.config_cls().name == spec.name
     if hasattr(trainer, "setup"):  # a client-side setup runs where the data is: say what it computes
-        assert spec.capabilities.setup_on_client_data.strip(), f"{spec.name}: setup_on_client_data undeclared"
+        note = spec.capabilities.setup_note(spec.config_cls())
+        assert note.strip(), f"{spec.name}: setup_on_client_data undeclared"
     assert spec.payload is not None and spec.payload.formula is not None and spec.payload.up and spec.payload.down
     caps = spec.capabilities
     for support in (caps.example_dp, caps.client_dp, caps.sum_only, caps.quantized_base):

@@ -2,7 +2,9 @@
 
 (a) exact aggregation, (b) Eckart–Young init with orthonormal bases, (c) only R and the
 head train and ∂L/∂R = s·BᵀGAᵀ, (d) payload bytes, plus the whole one-time setup and a
-round driven in-process through the real ClientApp (no Ray), and Opacus hooks mode.
+round driven in-process through the real ClientApp (no Ray), the exact one-time bytes of
+each init option (fp32 gradients, int8 signs, the server's own init: nothing up) and the
+server's init equal to one client's holding its examples, and Opacus hooks mode.
 """
 
 import math
@@ -11,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from method_testing import LocalGrid, task_identity  # noqa: F401  (a fixture)
+import clients.lora_sb
 from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 from safetensors.torch import load_file
 from torch import nn
@@ -23,10 +26,11 @@ from fedtune.flower.strategy import ClientUpdate
 from fedtune.models.lora_sb import (LoRASBModel, bases_of, full_weight_gradients, lora_sb_modules, set_bases,
                                     set_cores, update_approximation)
 from fedtune.models.state import trainable_state
-from fedtune.registry import MODELS, TRAINERS
+from fedtune.registry import METHODS, MODELS, TRAINERS
 from fedtune.runtime.workspace import Workspace
 from fedtune.trainer import TrainContext
 from strategies.fed_sb import FedSB, FedSBConfig, factorise, sign_step
+from strategies.fed_sb_init import server_batches
 
 M, N, R = 12, 7, 3  # non-square: "up" is M×N, "down" is N×M
 TINY = "model=tiny dataset=tiny strategy=fed_sb federation.num_clients=3 strategy.rank=4"
@@ -240,12 +244,52 @@ def test_setup_and_round_through_the_client_app(task_identity: None, upload: str
     assert set(saved) == set(strategy.bases) | set(strategy.global_arrays)
 
 
+def _setup(cfg: object, nodes: int) -> tuple[FedSB, LocalGrid]:
+    """Roll-call and one-time setup of ``cfg`` on an in-process grid of ``nodes`` ClientApps."""
+    strategy = FedSB.from_config(cfg)
+    strategy.initialize(Workspace(cfg).initial_arrays())
+    grid = LocalGrid(cfg, nodes)
+    strategy.configure_train(1, ArrayRecord(), ConfigRecord(), MeteredGrid(grid, strategy.ledger, strategy._partition))
+    return strategy, grid
+
+
+def test_server_init_uploads_nothing_and_equals_one_client_holding_its_examples(
+        task_identity: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = compose(f"{TINY} strategy.init_source=server")
+    ws = Workspace(cfg)
+    server, grid = _setup(cfg, 3)
+    dims = [tuple(m.base.weight.shape) for m in lora_sb_modules(ws.model()).values()]
+    one_time = [rec for rec in server.ledger.records if rec.kind == "one_time"]
+    up = [rec.payload_bytes for rec in one_time if rec.direction == "up"]
+    down = [rec.payload_bytes for rec in one_time if rec.direction == "down"]
+    assert up == [0] * 3  # one exchange only (the bases), whose replies carry no arrays
+    assert down == [4 * sum(cfg.strategy.rank * (m + n) for m, n in dims)] * 3
+    for context in grid.contexts.values():
+        state = context.state["fedtune-client-arrays"].to_torch_state_dict()
+        assert all(torch.equal(state[f"fed-sb/{k}"], v) for k, v in server.bases.items())
+    proxy = server_batches(ws)  # init_samples × num_clients examples of the training split
+    assert sum(len(b["labels"]) for b in proxy) == 32 * 3 < len(ws.encoded("train"))
+    assert "server" in METHODS.get("fed_sb").capabilities.setup_note(cfg.strategy)
+
+    # the same examples held by one client, uploaded as fp32 or as signs: the same ΔW, bases and R0
+    monkeypatch.setattr(clients.lora_sb, "init_batches", lambda *args: proxy)
+    for upload in ("gradient", "sign"):
+        one, _ = _setup(compose(f"{TINY} federation.num_clients=1 strategy.init_upload={upload}"), 1)
+        assert set(one.bases) == set(server.bases) and set(one.global_arrays) == set(server.global_arrays)
+        assert all(torch.equal(v, server.bases[k]) for k, v in one.bases.items()), upload
+        assert all(torch.equal(v, server.global_arrays[k]) for k, v in one.global_arrays.items()), upload
+
+
 # ----------------------------------------------------------------------------- config, Opacus
 def test_config_errors_name_the_field() -> None:
     with pytest.raises(ConfigError, match=r"strategy\.rank must be > 0, got 0"):
         compose("strategy=fed_sb strategy.rank=0")
     with pytest.raises(ConfigError, match=r"strategy\.init_upload: unknown 'bits'"):
         compose("strategy=fed_sb strategy.init_upload=bits")
+    with pytest.raises(ConfigError, match=r"strategy\.init_source: unknown 'both'; accepted: clients, server$"):
+        compose("strategy=fed_sb strategy.init_source=both")
+    with pytest.raises(ConfigError, match=r"strategy\.init_upload=sign needs init_source=clients; "):
+        compose("strategy=fed_sb strategy.init_source=server strategy.init_upload=sign")
     with pytest.raises(ValueError, match=r"rank must be in \[1, min\(out, in\) = 7\], got 8"):
         LoRASBModel(nn.ModuleDict({"up": nn.Linear(N, M)}), ["up"], 8, 8.0)
 

@@ -90,4 +90,4 @@ def test_privacy_summary_discloses_what_a_setup_computes_on_client_data(name: st
         pytest.skip(f"{name} does not support privacy=dp_sgd: {spec.capabilities.example_dp.reason}")
     cfg = compose([*BASE, f"strategy={name}", "privacy=dp_sgd", *spec.quick])
     block = privacy_summary(cfg, spec.strategy_cls.from_config(cfg))["privacy"]
-    assert block.get("not_accounted") == (spec.capabilities.setup_on_client_data or None)
+    assert block.get("not_accounted") == (spec.capabilities.setup_note(cfg.strategy) or None)

@@ -10,9 +10,12 @@ import statistics
 import pytest
 from conftest import load_study_main, load_study_module, study_args
 
-from fedtune.results.study import (StudyRun, bytes_to_target, collect, grid_cells, grid_markdown, mean_curve,
-                                   measured_pace, pareto_front, payload_per_client_round, run_dir, seconds_left,
-                                   summarise)
+from fedtune.config import compose
+from fedtune.plots import SETUP_LABEL, plot_runs, plot_study, setup_point
+from fedtune.results.store import csv_text
+from fedtune.results.study import (StudyRun, bytes_to_target, collect, grid_cells, grid_markdown, markdown_table,
+                                   mean_curve, measured_pace, one_time_bytes, pareto_front, payload_per_client_round,
+                                   run_dir, seconds_left, summarise)
 
 
 def _rows(accs: list[float], per_round_bytes: int, seconds: float = 2.0) -> list[dict[str, str]]:
@@ -64,6 +67,73 @@ def test_summary_over_seeds() -> None:
     curve = mean_curve(runs[:2])
     assert [c[0] for c in curve] == [0, 500, 1000]
     assert curve[1][1] == pytest.approx(0.55) and curve[1][2] == pytest.approx(statistics.stdev([0.6, 0.5]))
+
+
+# Fed-SB's three init options on 2 clients: (one-time wire bytes up, down) per client
+FED_SB_OPTIONS = {"fed_sb": (400_000, 12_000), "fed_sb_sign": (100_000, 12_000), "fed_sb_server": (40, 12_000)}
+
+
+def _with_setup(up: int, down: int, clients: int = 2) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
+    """metrics rows and ledger of a 2-round run whose round 1 also carries a one-time setup."""
+    one_time = [{"server_round": "1", "partition_id": str(pid), "direction": d, "kind": "one_time",
+                 "wire_bytes": str(n), "payload_bytes": str(n if n > 40 else 0)}
+                for pid in range(clients) for d, n in (("up", up), ("down", down))]
+    setup = clients * (up + down)
+    rows = [{"round": str(i), "eval_accuracy": f"{a:.6f}", "round_seconds": "1.000",
+             "cumulative_bytes": str(setup + 1000 * i if i else 0)} for i, a in enumerate([0.25, 0.5, 0.7])]
+    return rows, one_time + _ledger(8, 8, clients, 2)
+
+
+def test_one_time_bytes_of_each_option_in_the_table_and_apart_in_both_plots(tmp_path, monkeypatch) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = [StudyRun("iid", name, 0, *_with_setup(up, down)) for name, (up, down) in FED_SB_OPTIONS.items()]
+    runs.append(StudyRun("iid", "fedavg_lora", 0, _rows([0.25, 0.6, 0.8], 1000), _ledger(8, 8, 2, 2)))
+    by = {r["strategy"]: r for r in summarise(runs, target=0.6)}
+    for name, (up, down) in FED_SB_OPTIONS.items():
+        assert (by[name]["one_time_up_bytes"], by[name]["one_time_down_bytes"]) == (2 * up, 2 * down)
+        assert by[name]["one_time_bytes"] == 2 * (up + down) and by[name]["payload_up_per_client_round"] == 8
+    assert by["fedavg_lora"]["one_time_bytes"] == one_time_bytes(runs[-1].ledger) == 0
+    table = markdown_table(list(by.values()))
+    assert "| `fed_sb` | 1 | 0.700 ± 0.000 | 8 / 8 B | 0.82 MB (up 0.80 MB, down 24.0 kB) |" in table
+    assert "| `fed_sb_sign` | 1 | 0.700 ± 0.000 | 8 / 8 B | 0.22 MB (up 0.20 MB, down 24.0 kB) |" in table
+    assert "| `fed_sb_server` | 1 | 0.700 ± 0.000 | 8 / 8 B | 24.1 kB (up 0.1 kB, down 24.0 kB) |" in table
+    assert "| `fedavg_lora` | 1 | 0.800 ± 0.000 | 8 / 8 B | 0 |" in table
+    assert setup_point(runs[0].rows, runs[0].ledger, "eval_accuracy") == (824_000.0, 0.25)
+    assert setup_point(runs[-1].rows, runs[-1].ledger, "eval_accuracy") is None
+
+    figures: list = []
+    monkeypatch.setattr(plt, "close", figures.append)  # keep the figures to read them back
+
+    def diamonds(ax) -> list[tuple[float, float]]:  # type: ignore[no-untyped-def]
+        return sorted((float(x), float(y)) for line in ax.lines if line.get_marker() == "D"
+                      for x, y in zip(line.get_xdata(), line.get_ydata()))
+
+    def legend(ax) -> list[str]:  # type: ignore[no-untyped-def]
+        return [t.get_text() for t in ax.get_legend().get_texts()]
+
+    setups = sorted((2.0 * (up + down), 0.25) for up, down in FED_SB_OPTIONS.values())
+    plot_study(runs, tmp_path / "study.png")
+    (ax,) = figures.pop().axes
+    assert diamonds(ax) == setups and legend(ax)[-1] == SETUP_LABEL
+
+    dirs = []
+    for run in (runs[0], runs[-1]):
+        d = tmp_path / run.strategy
+        d.mkdir()
+        (d / "summary.json").write_text(json.dumps({"strategy": run.strategy}))
+        (d / "metrics.csv").write_text(csv_text(list(run.rows[0]), run.rows))
+        (d / "ledger.csv").write_text(csv_text(list(run.ledger[0]), run.ledger))
+        dirs.append(d)
+    plot_runs(dirs, tmp_path / "plots")
+    by_bytes, by_round = (fig.axes[0] for fig in figures)
+    assert diamonds(by_bytes) == [(824_000.0, 0.25)] and SETUP_LABEL in legend(by_bytes)
+    assert diamonds(by_round) == [] and SETUP_LABEL not in legend(by_round)
+    monkeypatch.undo()
+    plt.close("all")
 
 
 def _cell(root, partition: str, strategy: str, seed: int, status: str, walls: list[float]) -> None:
@@ -147,6 +217,21 @@ def test_study_tunes_fedkseed_for_minilm_only() -> None:
     assert "strategy.lr=1e-4" in overrides("fedkseed_pro", ["model=minilm", "seed=3"])
     assert overrides("fedkseed", ["model=tiny", "dataset=tiny"]) == []
     assert overrides("fedavg_lora", []) == []
+
+
+def test_study_variants_are_valid_runs_of_their_method(tmp_path, capsys) -> None:
+    """Fed-SB's init options run as rows of their own (``--strategies fed_sb_server``), each a
+    config that composes; the study names them in its grid like any method."""
+    study = load_study_module()
+    assert study.method_of("fed_sb") == ("fed_sb", [])
+    for variant in study.VARIANTS:
+        method, options = study.method_of(variant)
+        cfg = compose([f"strategy={method}", *options])
+        assert cfg.strategy.name == method and options
+    assert compose(["strategy=fed_sb", *study.method_of("fed_sb_server")[1]]).strategy.init_source == "server"
+    assert study.main(["--out", str(tmp_path), "--status", "--rounds", "2", "--seeds", "0", "--partitions", "iid",
+                       "--strategies", "fed_sb", "fed_sb_sign", "fed_sb_server"]) == 0
+    assert "| iid | `fed_sb_server` | – |" in capsys.readouterr().out
 
 
 def test_overrides_may_follow_list_options() -> None:

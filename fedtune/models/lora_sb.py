@@ -210,6 +210,19 @@ def full_weight_gradients(model: nn.Module,
     return grads, sum(losses) / len(losses)
 
 
+def base_gradients(model: nn.Module,
+                   batches: Iterable[dict[str, torch.Tensor]]) -> tuple[dict[str, torch.Tensor], float]:
+    """:func:`full_weight_gradients` of the frozen base (adapters off), in training mode as a
+    first fine-tuning step is taken: the one-time init gradient of client and server alike."""
+    was_training = model.training
+    model.train()
+    try:
+        with adapters_disabled(model):
+            return full_weight_gradients(model, batches)
+    finally:
+        model.train(was_training)
+
+
 def update_approximation(delta: torch.Tensor, rank: int, scale: float = 1.0, method: str = "exact",
                          seed: int = 0, key: str = "") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """LoRA-SB init from an update ``ΔW`` (m×n): ``(B, A, R0)`` with ``s·B R0 A = ΔW_r``.

@@ -41,7 +41,7 @@ def check_supported(cfg: Any) -> None:
 def not_accounted(cfg: Any) -> dict[str, str]:
     """summary.json's ``privacy.not_accounted``: what the method's one-time setup computes on
     client data outside the DP mechanism (empty when it declares no such setup)."""
-    note = METHODS.get(cfg.strategy.name).capabilities.setup_on_client_data
+    note = METHODS.get(cfg.strategy.name).capabilities.setup_note(cfg.strategy)
     return {"not_accounted": note} if note else {}
 
 

@@ -135,3 +135,12 @@ def read_metrics(run_dir: str | Path) -> list[dict[str, str]]:
         raise FileNotFoundError(f"{run_dir}: no metrics.csv (is this a fedtune run directory?)")
     with open(path, encoding="utf-8", newline="") as fh:
         return list(csv.DictReader(fh))
+
+
+def read_ledger(run_dir: str | Path) -> list[dict[str, str]]:
+    """``ledger.csv`` of a run directory, one dict per message (``[]`` if there is none)."""
+    path = Path(run_dir) / "ledger.csv"
+    if not path.is_file():
+        return []
+    with open(path, encoding="utf-8", newline="") as fh:
+        return list(csv.DictReader(fh))

@@ -3,9 +3,9 @@
 A study directory holds ``<partition>/<strategy>/seed<k>/`` run directories (what
 ``simulations/study.py`` writes).  Per (partition, strategy) over the seeds this computes
 the final accuracy mean ± std, the payload bytes per client-round of the training
-exchange (ledger kind ``train``; one-time set-up traffic such as Fed-SB's bases is
-reported apart), the wire bytes needed to first reach a target accuracy, and the median
-seconds per round; and the mean accuracy-vs-cumulative-bytes curve with its seed band,
+exchange (ledger kind ``train``; one-time set-up traffic such as Fed-SB's init gradients
+and bases is reported apart, in total and per direction), the wire bytes needed to first
+reach a target accuracy, and the median seconds per round; and the mean accuracy-vs-cumulative-bytes curve with its seed band,
 from which :func:`pareto_front` keeps the points no other point beats on both axes.
 :func:`grid_cells` says where every cell of a requested grid stands (a full grid on the
 default model is many hours of runs on two cores, so it is filled over several sittings).
@@ -14,7 +14,6 @@ Reads results only, so a study can be re-reported at any time.
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 import statistics
@@ -22,7 +21,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
-from fedtune.results.store import read_metrics
+from fedtune.results.store import read_ledger, read_metrics
 
 
 @dataclass
@@ -134,9 +133,7 @@ def collect(root: Path) -> list[StudyRun]:
         d = summary.parent
         if run_status(d) != "completed":
             continue
-        with open(d / "ledger.csv", newline="") as fh:
-            ledger = list(csv.DictReader(fh))
-        runs.append(StudyRun(d.parent.parent.name, d.parent.name, int(d.name[4:]), read_metrics(d), ledger))
+        runs.append(StudyRun(d.parent.parent.name, d.parent.name, int(d.name[4:]), read_metrics(d), read_ledger(d)))
     return runs
 
 
@@ -159,6 +156,13 @@ def payload_per_client_round(ledger: list[dict[str, str]], direction: str) -> fl
     return statistics.fmean(sizes) if sizes else 0.0
 
 
+def one_time_bytes(ledger: list[dict[str, str]], direction: str | None = None) -> int:
+    """Wire bytes of the one-time setup (ledger kind ``one_time``, e.g. Fed-SB's init gradients
+    and bases), in ``direction`` (``up``/``down``) or both: what no round repeats."""
+    return sum(int(r["wire_bytes"]) for r in ledger
+               if r["kind"] == "one_time" and direction in (None, r["direction"]))
+
+
 def _std(values: list[float]) -> float:
     return statistics.stdev(values) if len(values) > 1 else 0.0
 
@@ -173,14 +177,15 @@ def summarise(runs: list[StudyRun], target: float) -> list[dict[str, object]]:
         finals = [float(_evaluated(r.rows)[-1]["eval_accuracy"]) for r in group]
         reach = [b for r in group if (b := bytes_to_target(r.rows, target)) is not None]
         per_round = [statistics.median(float(x["round_seconds"]) for x in r.rows[1:]) for r in group if len(r.rows) > 1]
-        one_time = [sum(int(x["wire_bytes"]) for x in r.ledger if x["kind"] == "one_time") for r in group]
         table.append({
             "partition": partition, "strategy": strategy, "seeds": len(group),
             "rounds": max(int(r.rows[-1]["round"]) for r in group),
             "final_accuracy_mean": statistics.fmean(finals), "final_accuracy_std": _std(finals),
             "payload_up_per_client_round": statistics.fmean(payload_per_client_round(r.ledger, "up") for r in group),
             "payload_down_per_client_round": statistics.fmean(payload_per_client_round(r.ledger, "down") for r in group),
-            "one_time_bytes": statistics.fmean(one_time),
+            "one_time_bytes": statistics.fmean(one_time_bytes(r.ledger) for r in group),
+            "one_time_up_bytes": statistics.fmean(one_time_bytes(r.ledger, "up") for r in group),
+            "one_time_down_bytes": statistics.fmean(one_time_bytes(r.ledger, "down") for r in group),
             "total_bytes": statistics.fmean(int(r.rows[-1]["cumulative_bytes"]) for r in group),
             "target_accuracy": target, "seeds_reaching_target": len(reach),
             "bytes_to_target_mean": statistics.fmean(reach) if reach else None,
@@ -226,10 +231,12 @@ def markdown_table(table: list[dict[str, object]]) -> str:
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in table:
         spr = r["seconds_per_round_median"]
+        one_time = (f"{_fmt_bytes(r['one_time_bytes'])} (up {_fmt_bytes(r['one_time_up_bytes'])}, "
+                    f"down {_fmt_bytes(r['one_time_down_bytes'])})") if r["one_time_bytes"] else "0"
         lines.append(
             f"| {r['partition']} | `{r['strategy']}` | {r['seeds']} | {r['final_accuracy_mean']:.3f} ± "
             f"{r['final_accuracy_std']:.3f} | {r['payload_up_per_client_round']:,.0f} / "
-            f"{r['payload_down_per_client_round']:,.0f} B | {_fmt_bytes(r['one_time_bytes']) if r['one_time_bytes'] else '0'} "
+            f"{r['payload_down_per_client_round']:,.0f} B | {one_time} "
             f"| {_fmt_bytes(r['total_bytes'])} | {_fmt_bytes(r['bytes_to_target_mean'])} "
             f"({r['seeds_reaching_target']}/{r['seeds']}) | {'–' if spr is None else f'{spr:.1f}'} |")
     return "\n".join(lines) + "\n"
