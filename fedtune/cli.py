@@ -53,29 +53,18 @@ def _hydra_entry() -> None:
 
         from hydra.types import RunMode
 
-        from fedtune.tracking import check_installed
-
         hydra_cfg = HydraConfig.get()
         out_dir = Path(hydra_cfg.runtime.output_dir)
         sweep = Path(hydra_cfg.sweep.dir) if hydra_cfg.mode == RunMode.MULTIRUN else None  # groups tracked runs
         quiet_libraries()
+        from fedtune.runtime.simulation import simulate
+
         try:
             run_cfg = from_dict(OmegaConf.to_container(cfg, resolve=True))  # type: ignore[arg-type]
-            check_installed(run_cfg)  # tracking=tensorboard|mlflow without the extra: one line, before Ray
-            from fedtune.runtime.workspace import Workspace
-
-            from fedtune.models.preflight import preflight
-            from fedtune.privacy.accounting import check_delta
-
-            sizes = [len(p) for p in Workspace(run_cfg).partitions()]  # data present and partitionable
-            check_delta(run_cfg, sizes)  # privacy.delta < 1/n: before Ray starts
-            preflight(run_cfg)  # the model: its source, the machine, the method's own checks
+            summary = simulate(run_cfg, out_dir, sweep=sweep)  # its checks before Ray raise ConfigError
         except (ConfigError, OmegaConfBaseException) as exc:  # OmegaConf: e.g. a bad ${interpolation}
             _remove_if_empty(out_dir)
             _fail(str(exc) if isinstance(exc, ConfigError) else error_line(exc, []))
-        from fedtune.runtime.simulation import simulate
-
-        summary = simulate(run_cfg, out_dir, sweep=sweep)
         _report(summary, out_dir)
         return float(summary["final_accuracy"])
 
@@ -95,7 +84,6 @@ def _resume(args: list[str]) -> None:
 
     from fedtune.config.run import from_dict
     from fedtune.flower.server_app import resume_point
-    from fedtune.tracking import check_installed
 
     run_dir = Path(next(a for a in args if a.startswith("resume=")).partition("=")[2]).expanduser().resolve()
     extra = [a for a in args if not a.startswith("resume=")]
@@ -113,14 +101,17 @@ def _resume(args: list[str]) -> None:
     try:
         cfg = from_dict(data)  # type: ignore[arg-type]
         resume_point(cfg, run_dir)  # refuse before Ray starts
-        check_installed(cfg)
     except (ConfigError, ValueError, FileNotFoundError) as exc:
         _fail(str(exc))
     from fedtune.runtime.environment import quiet_libraries
     from fedtune.runtime.simulation import simulate
 
     quiet_libraries()
-    _report(simulate(cfg, run_dir, resume=True), run_dir)
+    try:
+        summary = simulate(cfg, run_dir, resume=True)  # its checks before Ray raise ConfigError
+    except ConfigError as exc:
+        _fail(str(exc))
+    _report(summary, run_dir)
 
 
 def _plot(argv: list[str]) -> None:

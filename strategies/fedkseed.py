@@ -299,7 +299,7 @@ SEED_PAYLOAD = Payload(down="K per-seed accumulators (fp32; Pro: + K probabiliti
 TUNED_MODEL = Export("the tuned model (transformers save_pretrained)")
 UPDATES_THE_BASE = Support(False, "it tunes the model's own parameters (full-parameter), which a quantized base "
                                   "holds as frozen integer codes; use model.quantization=none")
-QUICK = ("strategy.num_seeds=256", "strategy.local_steps=40", "strategy.batch_size=8", "strategy.lr=1e-2")
+QUICK = ("strategy.num_seeds=64", "strategy.local_steps=16", "strategy.batch_size=8", "strategy.lr=1e-2")
 
 register_method(
     "fedkseed", FedKSeed, trainer="zo_seeds", config_cls=FedKSeedConfig,

@@ -16,6 +16,7 @@ if "FLWR_HOME" not in os.environ:  # a private one, removed when the session end
     atexit.register(shutil.rmtree, os.environ["FLWR_HOME"], True)
 os.environ["MPLBACKEND"] = "Agg"
 
+from collections.abc import Iterator  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 
@@ -95,10 +96,38 @@ def study_args(root: Path) -> list[str]:
 
 
 def live_ray_processes() -> dict[int, str]:
-    """The Ray processes (``ray::…`` workers and agents) alive now, zombies left out:
-    pid -> a description that says what it is and where it sits (group, session, parent)."""
+    """The Ray processes (``ray::…`` workers and agents) alive now, zombies and the shared
+    cluster's own (:func:`ray_address`) left out: pid -> a description that says what it is
+    and where it sits (group, session, parent)."""
+    shared = _SHARED_RAY[0].pids() if _SHARED_RAY else set()
     return {p.pid: f"{p.pid} {p.cmdline[:40]!r} state={p.state} pgrp={p.pgrp} session={p.session} ppid={p.ppid}"
-            for p in process_table() if p.alive and p.cmdline.startswith("ray::")}
+            for p in process_table() if p.alive and p.cmdline.startswith("ray::") and p.pid not in shared}
+
+
+_SHARED_RAY: list = []  # the session's shared cluster, once started
+
+
+def on_shared_ray(address: str) -> str:
+    """Overrides that attach a simulation to the shared cluster (:func:`ray_address`) with one
+    client actor: the tiny tests' clients train in a second each, so one process importing
+    torch and building the model beats two competing for the same two cores."""
+    return f"runtime.ray_address={address} runtime.client_num_cpus=2"
+
+
+@pytest.fixture(scope="session")
+def ray_address() -> Iterator[str]:
+    """``runtime.ray_address`` of one 2-CPU Ray cluster on this machine, shared by the suite's
+    in-process simulations: each attaches to it (Flower's pool sizes itself from the
+    cluster's CPUs, as on a local Ray capped at 2), so Ray starts once per session rather
+    than once per run.  The CLI runs and the faults tests keep fedtune's own local Ray."""
+    from ray_testing import local_ray_cluster
+
+    with local_ray_cluster([2], (24000, 24010), [24010], object_store_mb=200) as cluster:
+        _SHARED_RAY.append(cluster)
+        try:
+            yield cluster.address
+        finally:
+            _SHARED_RAY.clear()
 
 
 @pytest.fixture(scope="session")

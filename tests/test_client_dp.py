@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import on_shared_ray
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MessageType, MetricRecord, RecordDict
 from opacus.accountants import create_accountant
@@ -234,10 +235,10 @@ def test_refused_combinations_and_bad_input_name_the_field(override: str, messag
 
 
 @pytest.mark.simulation
-def test_ray_simulation_with_client_side_clipping_reports_client_level_dp(tmp_path: Path) -> None:
+def test_ray_simulation_with_client_side_clipping_reports_client_level_dp(tmp_path: Path, ray_address: str) -> None:
     from fedtune.runtime.simulation import simulate
 
-    overrides = ("model=tiny dataset=tiny num_rounds=2 federation.num_clients=3 privacy=client_dp "
+    overrides = (f"{on_shared_ray(ray_address)} model=tiny dataset=tiny num_rounds=2 federation.num_clients=3 privacy=client_dp "
                  "strategy.weighting=uniform privacy.clipping=client privacy.clipping_norm=0.5 eval.max_examples=32 "
                  "train.local_steps=2")
     summary = simulate(compose(overrides), tmp_path)

@@ -21,25 +21,21 @@ from __future__ import annotations
 import csv
 import json
 import os
-import shutil
-import socket
 import subprocess
-import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import psutil
 import pytest
+from ray_testing import RayCluster, free_port, local_ray_cluster
 
 from fedtune.config import compose
 from fedtune.results.store import METRIC_COLUMNS
 from fedtune.runtime.credentials import make_node_key
 from fedtune.runtime.deploy import LocalTrial
 from fedtune.runtime.flower_home import app_snapshot
-from fedtune.runtime.processes import stop_process, stop_processes
+from fedtune.runtime.processes import stop_process
 from fedtune.runtime.simulation import simulate
 from fedtune.runtime.workspace import Workspace
 
@@ -49,19 +45,6 @@ BASE = "model=tiny dataset=tiny federation.num_clients=3 num_rounds=2 seed=2"
 METHODS = {"fedavg_lora": "strategy=fedavg_lora",
            "fedkseed": "strategy=fedkseed strategy.num_seeds=64 strategy.local_steps=10 strategy.batch_size=4"}
 RUN_TIMEOUT = 400.0  # seconds for one `flwr run` (CI under load); an idle 2-core box needs < 60
-
-
-def free_port(lo: int, hi: int, span: int = 1) -> int:
-    """The first port p in [lo, hi) with p..p+span-1 all free on 127.0.0.1."""
-    for port in range(lo, hi - span):
-        try:
-            for p in range(port, port + span):
-                with socket.socket() as sock:
-                    sock.bind(("127.0.0.1", p))
-            return port
-        except OSError:
-            continue
-    raise RuntimeError(f"no {span} free ports in [{lo}, {hi})")
 
 
 def read_csv(path: Path) -> list[dict[str, str]]:
@@ -141,45 +124,11 @@ def federation(ray_cluster: RayCluster, tmp_path_factory: pytest.TempPathFactory
         assert proc.poll() is not None, f"{name} (PID {proc.pid}) still running"
 
 
-@dataclass
-class RayCluster:
-    address: str
-    temp_dir: str
-
-
-def _ray(args: list[str], env: dict[str, str]) -> None:
-    done = subprocess.run([str(Path(sys.executable).parent / "ray"), *args], env=env, capture_output=True,
-                          text=True, timeout=120)
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
-
-
-def _ray_ports(base: int) -> list[str]:
-    return ["--node-manager-port", str(base), "--object-manager-port", str(base + 1),
-            "--runtime-env-agent-port", str(base + 2), "--dashboard-agent-grpc-port", str(base + 3),
-            "--dashboard-agent-listen-port", str(base + 4), "--metrics-export-port", str(base + 5),
-            "--min-worker-port", str(base + 10), "--max-worker-port", str(base + 39)]
-
-
 @pytest.fixture(scope="module")
 def ray_cluster() -> Iterator[RayCluster]:
     """A Ray head and one more Ray node on this machine, 1 CPU each."""
-    temp_dir = tempfile.mkdtemp(prefix="ftray", dir="/tmp")  # short: Ray's socket paths must stay < 108 chars
-    head = free_port(23900, 23910)
-    env = {**os.environ, "RAY_DEFAULT_OBJECT_STORE_MAX_MEMORY_BYTES": str(200 * 2**20),
-           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-    try:
-        _ray(["start", "--head", "--node-ip-address=127.0.0.1", f"--port={head}", "--num-cpus=1", "--num-gpus=0",
-              "--include-dashboard=false", f"--ray-client-server-port={head + 1}", f"--temp-dir={temp_dir}",
-              "--object-store-memory", str(100 * 2**20), *_ray_ports(23910)], env)
-        _ray(["start", f"--address=127.0.0.1:{head}", "--node-ip-address=127.0.0.1", "--num-cpus=1", "--num-gpus=0",
-              "--object-store-memory", str(100 * 2**20), *_ray_ports(23950)], env)
-        yield RayCluster(f"127.0.0.1:{head}", temp_dir)
-    finally:  # ours: the temp dir or the head's address is in the command line.  All at once, 2 s
-        # grace: gcs_server, raylet and the autoscaler monitor outlast 10 s of SIGTERM anyway.
-        stop_processes([p.info["pid"] for p in psutil.process_iter(["pid", "cmdline"])
-                        if temp_dir in " ".join(p.info["cmdline"] or []) or
-                        f"127.0.0.1:{head}" in " ".join(p.info["cmdline"] or [])], timeout_s=2)
-        shutil.rmtree(temp_dir, ignore_errors=True)
+    with local_ray_cluster([1, 1], (23900, 23910), [23910, 23950]) as cluster:
+        yield cluster
 
 
 @pytest.fixture(scope="module")

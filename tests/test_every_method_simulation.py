@@ -19,7 +19,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import SIMULATION_OVERRIDES
+from conftest import SIMULATION_OVERRIDES, on_shared_ray
 
 from fedtune.config import compose
 from fedtune.data.sources import TINY_FILE
@@ -45,18 +45,19 @@ def tiny_bert(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
-def _overrides(name: str, tiny_bert: Path) -> list[str]:
+def _overrides(name: str, tiny_bert: Path, ray_address: str = "") -> list[str]:
     if name == DEFAULT:
         return SIMULATION_OVERRIDES.split()
-    return ["model=hf", f"model.path={tiny_bert}", "model.max_length=32", "model.lora.rank=4", "model.lora.alpha=8",
+    return [*on_shared_ray(ray_address).split(), "model=hf", f"model.path={tiny_bert}", "model.max_length=32",
+            "model.lora.rank=4", "model.lora.alpha=8",
             "dataset=hf", f"dataset.path={TINY_FILE}", "dataset.format=text_label", *BASE, f"strategy={name}",
             *METHODS.get(name).quick]
 
 
 @pytest.mark.parametrize("name", METHODS.names())
 def test_method_runs_end_to_end_and_learns(name: str, tmp_path: Path, request: pytest.FixtureRequest,
-                                           tiny_bert: Path) -> None:
-    cfg = compose(_overrides(name, tiny_bert))
+                                           tiny_bert: Path, ray_address: str) -> None:
+    cfg = compose(_overrides(name, tiny_bert, ray_address))
     if name == DEFAULT:
         run_dir = request.getfixturevalue("same_seed_runs")[0]
         summary = json.loads((run_dir / "summary.json").read_text())

@@ -11,6 +11,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from conftest import on_shared_ray
 import torch
 from hf_testing import ARCHITECTURES, save_tiny_model
 from method_testing import run_method, task_identity  # noqa: F401  (a fixture)
@@ -125,10 +126,12 @@ def test_8bit_base_trains_a_lora_adapter(checkpoints: dict[str, Path]) -> None:
     assert torch.isfinite(torch.tensor(loss)) and any(c.abs().sum() > 0 for c in change.values())
 
 
-def test_4bit_qlora_round_on_ray_and_its_adapter_reloads(checkpoints: dict[str, Path], tmp_path: Path) -> None:
+def test_4bit_qlora_round_on_ray_and_its_adapter_reloads(checkpoints: dict[str, Path], tmp_path: Path,
+                                                       ray_address: str) -> None:
     from fedtune.runtime.simulation import simulate
 
-    cfg = compose(overrides(checkpoints["llama"], "strategy=fedavg_lora", "model.quantization=4bit"))
+    cfg = compose(overrides(checkpoints["llama"], "strategy=fedavg_lora", "model.quantization=4bit",
+                            *on_shared_ray(ray_address).split()))
     summary = simulate(cfg, tmp_path)
     assert summary["status"] == "completed" and summary["client_failures"] == 0
     rows = list(csv.DictReader(open(tmp_path / "metrics.csv", newline="")))

@@ -8,6 +8,7 @@ import math
 from pathlib import Path
 
 import pytest
+from conftest import on_shared_ray
 
 from data_testing import data_files, data_path, one_torch_thread, tiny_llama  # noqa: F401  (fixtures)
 from hf_testing import save_tiny_model
@@ -19,7 +20,7 @@ GENERATIVE = ["rouge_l", "exact_match", "heldout_rouge_l", "heldout_exact_match"
 
 
 def test_fedavg_lora_on_a_tiny_llama_with_alpaca_data_in_ray(data_files: Path, tiny_llama: Path, tmp_path: Path,
-                                                            capsys: pytest.CaptureFixture) -> None:
+                                                            capsys: pytest.CaptureFixture, ray_address: str) -> None:
     import json
 
     from fedtune.cli import main
@@ -28,7 +29,7 @@ def test_fedavg_lora_on_a_tiny_llama_with_alpaca_data_in_ray(data_files: Path, t
     cfg = compose(f"strategy=fedavg_lora model=hf model.path={tiny_llama} dataset=hf "
                   f"dataset.path={data_path(data_files, 'alpaca', '.jsonl')} dataset.format=alpaca "
                   "dataset.heldout=[music,travel] partition.kind=label partition.by=category federation.num_clients=2 "
-                  "num_rounds=3 train.lr=0.05 eval.max_new_tokens=4 runtime.device=cpu runtime.ray_num_cpus=1 seed=0")
+                  f"num_rounds=3 train.lr=0.05 eval.max_new_tokens=4 runtime.device=cpu seed=0 {on_shared_ray(ray_address)}")
     summary = simulate(cfg, tmp_path / "run")
     rows = read_metrics(tmp_path / "run")
     per_category = [f"heldout_{m}/{c}" for c in ("music", "travel") for m in ("exact_match", "loss", "rouge_l")]

@@ -18,6 +18,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from conftest import on_shared_ray
 import torch
 
 from fedtune.config import compose
@@ -185,10 +186,11 @@ def test_fedavg_lora_round_on_llama_exports_a_causal_lm_adapter(cache, tmp_path:
 
 
 @pytest.mark.simulation
-def test_fedkseed_round_in_a_ray_simulation_writes_results(cache, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_fedkseed_round_in_a_ray_simulation_writes_results(cache, tmp_path: Path,  # type: ignore[no-untyped-def]
+                                                           ray_address: str) -> None:
     from fedtune.runtime.simulation import simulate
 
-    summary = simulate(compose(task(cache, ZO)), tmp_path)
+    summary = simulate(compose(task(cache, ZO, on_shared_ray(ray_address))), tmp_path)
     rows = _rows(tmp_path)
     assert summary["status"] == "completed" and summary["model"] == "smollm2"
     assert [int(r["round"]) for r in rows] == [0, 1] and int(rows[1]["num_replies"]) == 2

@@ -77,19 +77,30 @@ def attach_cluster(cfg: RunConfig) -> dict[str, Any]:
     return info
 
 
+def check_before_ray(cfg: RunConfig) -> None:
+    """Everything knowable before Ray starts, so bad input is one ConfigError line and no run:
+    the tracking backend installed, the data present and partitionable (cached for the
+    server), the privacy budget's delta against the partition sizes, and the model
+    (:func:`fedtune.models.preflight.preflight`)."""
+    from fedtune.models.preflight import preflight
+    from fedtune.privacy.accounting import check_delta
+    from fedtune.runtime.workspace import Workspace
+    from fedtune.tracking import check_installed
+
+    check_installed(cfg)
+    check_delta(cfg, [len(p) for p in Workspace(cfg).partitions()])
+    preflight(cfg)
+
+
 def simulate(cfg: RunConfig, out_dir: str | Path, resume: bool = False, sweep: Path | None = None) -> dict[str, Any]:
-    """Run ``cfg`` in simulation, write ``out_dir``, return its ``summary.json``.
+    """Run ``cfg`` in simulation, write ``out_dir``, return its ``summary.json``; bad input
+    raises a :class:`~fedtune.errors.ConfigError` before Ray starts (:func:`check_before_ray`).
 
     ``resume``: continue ``out_dir`` from its checkpoint (:func:`fedtune.flower.server_app.resume_point`).
     ``sweep``: the Hydra multirun directory ``out_dir`` is a job of (groups its tracked runs).
     """
-    from fedtune.models.preflight import preflight
-
     quiet_libraries(cfg.runtime.log_level)
-    preflight(cfg)  # bad model input is one line, before Ray starts
-    from fedtune.runtime.workspace import Workspace
-
-    Workspace(cfg).partitions()  # data present, readable, partitionable: a ConfigError before Ray (cached for the server)
+    check_before_ray(cfg)
     import ray
     from flwr.simulation import run_simulation
 
