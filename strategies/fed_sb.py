@@ -47,6 +47,7 @@ from fedtune.models.lora_sb import set_bases, update_approximation
 from fedtune.models.state import check_arrays, load_trainable_state
 from fedtune.models.targets import lora_preflight, matched, resolve_targets
 from fedtune.registry import register_method
+from fedtune.tuning import LEARNING_RATES
 from strategies.fedavg_lora import LOCAL_LR, state_each_way, weighted_average
 
 SETUP = "train.setup"
@@ -259,4 +260,6 @@ register_method(
     payload=Payload(down="r×r cores R and head (fp32); once: bases B, A", up="r×r cores R and head (fp32); "
                     "once: full-weight gradients (fp32) or their signs (int8)", formula=state_each_way),
     export=Export("LoRA-SB adapter: bases B, A, cores R and head (safetensors)"),
-    quick=("strategy.rank=8", "strategy.init_step=0.01"), preflight=fed_sb_preflight)
+    quick=("strategy.rank=8", "strategy.init_step=0.01"), preflight=fed_sb_preflight,
+    # the paper tunes the lr and grows r (its r = 120-200 on 7B models); r <= min(m, n) of every target
+    tuning={"train.lr": LEARNING_RATES, "strategy.rank": (32, 64, 128)})
