@@ -122,14 +122,18 @@ def plot_runs(run_dirs: list[Path], out_dir: Path, title: str | None = None,
     return paths
 
 
-def plot_study(runs: list[StudyRun], path: Path, title: str | None = None) -> Path:
-    """Accuracy against cumulative bytes for a study: one panel per partition, the seed
-    mean of each strategy with a ±1 std band, and the Pareto front over all of them."""
+def plot_study(runs: list[StudyRun], path: Path, title: str | None = None, metric: str = "eval_accuracy",
+               x: str = "cumulative_bytes") -> Path:
+    """A study's ``metric`` against cumulative bytes (``x="cumulative_bytes"``: log x, with
+    the Pareto front over all strategies and each run's one-time bytes marked apart) or
+    against rounds (``x="round"``): one panel per partition, the seed mean of each strategy
+    with a ±1 std band."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    by_bytes = x == "cumulative_bytes"
     partitions = sorted({r.partition for r in runs})
     strategies = sorted({r.strategy for r in runs})
     colours = {s: plt.get_cmap("tab10")(i % 10) for i, s in enumerate(strategies)}
@@ -138,29 +142,31 @@ def plot_study(runs: list[StudyRun], path: Path, title: str | None = None) -> Pa
         points, marked = [], False
         for strategy in strategies:
             group = [r for r in runs if r.partition == partition and r.strategy == strategy]
-            full = mean_curve(group) if group else []
-            curve = [c for c in full if c[0] > 0]  # round 0 sent nothing
+            full = mean_curve(group, metric, x) if group else []
+            curve = [c for c in full if c[0] > 0] if by_bytes else full  # round 0 sent nothing
             if not curve:
                 continue
             xs, ys, sd = zip(*curve)
             ax.plot(xs, ys, marker="o", markersize=2.5, color=colours[strategy], label=f"{strategy} (n={len(group)})")
             one_time = statistics.fmean(one_time_bytes(r.ledger) for r in group)
-            if one_time and full[0][0] == 0:  # the seeds' mean one-time bytes, at their mean round-0 accuracy
+            if by_bytes and one_time and full[0][0] == 0:  # the seeds' mean one-time bytes, at their mean round-0 accuracy
                 _mark_setup(ax, (one_time, full[0][1]), (xs[0], ys[0]), colours[strategy])
                 marked = True
             ax.fill_between(xs, [y - s for y, s in zip(ys, sd)], [y + s for y, s in zip(ys, sd)],
                             color=colours[strategy], alpha=0.18, linewidth=0)
-            points += [(x, y, strategy) for x, y in zip(xs, ys)]
-        front = pareto_front(points)
+            points += [(x_, y, strategy) for x_, y in zip(xs, ys)]
+        front = pareto_front(points) if by_bytes else []
         if front:
             ax.step([p[0] for p in front], [p[1] for p in front], where="post", color="black",
                     linestyle="--", linewidth=1, label="Pareto front")
-        ax.set_xscale("log")
-        ax.set_xlabel("cumulative bytes on the wire (up + down)")
+        if by_bytes:
+            ax.set_xscale("log")
+        ax.set_xlabel("cumulative bytes on the wire (up + down)" if by_bytes else "round")
         ax.set_title(partition)
         ax.grid(True, alpha=0.3)
         _legend(ax, marked, 7)
-    axes[0][0].set_ylabel("global test accuracy (mean ± std over seeds)")
+    shown = "global test accuracy" if metric == "eval_accuracy" else f"{metric} (test split)"
+    axes[0][0].set_ylabel(f"{shown} (mean ± std over seeds)")
     if title:
         fig.suptitle(title)
     fig.tight_layout()

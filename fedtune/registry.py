@@ -21,10 +21,11 @@ import importlib
 import pkgutil
 from dataclasses import dataclass, field
 from types import ModuleType
-from typing import Any, Callable, Generic, TypeVar
+from typing import Any, Callable, Generic, Mapping, TypeVar
 
 from fedtune.capabilities import Capabilities, Export, Payload
 from fedtune.errors import ConfigError
+from fedtune.tuning import Relative
 
 T = TypeVar("T")
 ENTRY_POINT_GROUP = "fedtune.methods"
@@ -77,6 +78,10 @@ class MethodSpec:
         :class:`~fedtune.models.inventory.ModelInventory`): raises a one-line ConfigError.
     quick : Hydra overrides under which the method trains in seconds on ``model=tiny
         dataset=tiny`` (the contract tests and the smoke simulations use them).
+    tuning : the method's search space for a tuned comparison (``simulations/study.py
+        --stage tune``): override key -> candidate values, or a
+        :class:`~fedtune.tuning.Relative` of factors of the run's own value
+        (:mod:`fedtune.tuning`); {} = nothing to tune.
     """
 
     name: str
@@ -88,6 +93,7 @@ class MethodSpec:
     export: Export = field(default_factory=lambda: Export("not declared"))
     quick: tuple[str, ...] = ()
     preflight: Callable[[Any, Any], None] | None = None
+    tuning: Mapping[str, Any] = field(default_factory=dict, hash=False, compare=False)
 
 
 METHODS: Registry[MethodSpec] = Registry("strategy", "strategy.name")
@@ -101,10 +107,15 @@ TRACKING: Registry[Any] = Registry("tracking backend", "tracking.name")  # fedtu
 def register_method(name: str, strategy_cls: type, trainer: str, config_cls: type, *,
                     capabilities: Capabilities | None = None, payload: Payload | None = None,
                     export: Export | None = None, quick: tuple[str, ...] | list[str] = (),
-                    preflight: Callable[[Any, Any], None] | None = None) -> MethodSpec:
+                    preflight: Callable[[Any, Any], None] | None = None,
+                    tuning: Mapping[str, Any] | None = None) -> MethodSpec:
     """Register a federated method (call at the bottom of its strategy module)."""
+    for key, candidates in (tuning or {}).items():
+        if "." not in key or not (isinstance(candidates, Relative) or (isinstance(candidates, tuple) and candidates)):
+            raise ValueError(f"{name}: tuning[{key!r}] must map a dotted override key to a non-empty tuple of "
+                             f"values or a Relative, got {candidates!r}")
     spec = MethodSpec(name, strategy_cls, trainer, config_cls, capabilities or Capabilities(), payload,
-                      export or Export("not declared"), tuple(quick), preflight)
+                      export or Export("not declared"), tuple(quick), preflight, dict(tuning or {}))
     return METHODS.register(name, spec)
 
 

@@ -50,6 +50,7 @@ from fedtune.models.lora_sb import set_bases, update_approximation
 from fedtune.models.state import check_arrays, load_trainable_state
 from fedtune.models.targets import lora_preflight, matched, resolve_targets
 from fedtune.registry import register_method
+from fedtune.tuning import LEARNING_RATES
 from strategies.fed_sb_init import INIT_SOURCES, server_gradients, setup_note
 from strategies.fedavg_lora import LOCAL_LR, state_each_way, weighted_average
 
@@ -288,4 +289,6 @@ register_method(
                     "once: full-weight gradients (fp32) or their signs (int8), or nothing (init_source=server)",
                     formula=state_each_way),
     export=Export("LoRA-SB adapter: bases B, A, cores R and head (safetensors)"),
-    quick=("strategy.rank=8", "strategy.init_step=0.01"), preflight=fed_sb_preflight)
+    quick=("strategy.rank=8", "strategy.init_step=0.01"), preflight=fed_sb_preflight,
+    # the paper tunes the lr and grows r (its r = 120-200 on 7B models); r <= min(m, n) of every target
+    tuning={"train.lr": LEARNING_RATES, "strategy.rank": (32, 64, 128)})

@@ -28,6 +28,7 @@ from fedtune.flower.strategy import Arrays, ClientUpdate, FedtuneStrategy, weigh
 from fedtune.models.export import load_exported
 from fedtune.models.targets import lora_preflight
 from fedtune.registry import register_method
+from fedtune.tuning import LEARNING_RATES
 
 FIRST_ORDER = Support(True, "its clients run the shared first-order loop (clients.local_steps), "
                             "which privacy=dp_sgd turns into DP-SGD")
@@ -94,4 +95,5 @@ register_method(
         sum_only=Support(True, "Ā, B̄ and the head are Σ_k p_k of the uploads"),
         identical_updates_fixed_point=True, quantized_base=ADAPTER_ONLY),
     payload=Payload(down="A, B and head (fp32)", up="A, B and head (fp32)", formula=state_each_way),
-    export=PEFT_EXPORT, preflight=lora_preflight)
+    export=PEFT_EXPORT, preflight=lora_preflight,
+    tuning={"train.lr": LEARNING_RATES})  # FedIT's one knob: the clients' AdamW step

@@ -31,6 +31,7 @@ from fedtune.flower.strategy import Arrays, ClientUpdate, weights_for
 from fedtune.models.export import load_exported
 from fedtune.models.state import load_trainable_state
 from fedtune.registry import register_method
+from fedtune.tuning import LEARNING_RATES
 from fedtune.models.targets import lora_preflight
 from strategies.fedavg_lora import FIRST_ORDER, LOCAL_LR, MERGES_INTO_BASE, weighted_average
 from strategies.lora_math import module_factors, require_choice, residual_factors
@@ -98,4 +99,5 @@ register_method(
     payload=Payload(down="A, B and head (fp32) + the cumulative residual (dense or factored)",
                     up="A, B and head (fp32)", formula=fedex_bytes),
     export=Export("peft LoRA adapter (+ head) and base_delta.safetensors (the merged base delta)",
-                  load=load_exported), preflight=lora_preflight)
+                  load=load_exported), preflight=lora_preflight,
+    tuning={"train.lr": LEARNING_RATES})

@@ -55,6 +55,7 @@ from fedtune.errors import ConfigError
 from fedtune.flower.strategy import Arrays, ClientUpdate, FedtuneStrategy, weights_for
 from fedtune.randomness import seed_pool
 from fedtune.registry import register_method
+from fedtune.tuning import Relative
 from fedtune.schedule import train_lr
 from fedtune.trainable import validate_trainable
 from strategies.seed_replay import SeedReplica, flatten, unflatten, zo_steps  # noqa: F401  (re-exported)
@@ -299,6 +300,9 @@ SEED_PAYLOAD = Payload(down="K per-seed accumulators (fp32; Pro: + K probabiliti
 TUNED_MODEL = Export("the tuned model (transformers save_pretrained)")
 UPDATES_THE_BASE = Support(False, "it tunes the model's own parameters (full-parameter), which a quantized base "
                                   "holds as frozen integer codes; use model.quantization=none")
+# η a half-decade each way (1e-3 diverges on MiniLM: README), and fewer seeds K: the bank of K x d
+# directions is what a process holds, and more K means fewer steps per seed (the paper's K = 4096)
+ZO_TUNING = {"strategy.lr": Relative(1.0, 0.3, 3.0), "strategy.num_seeds": Relative(1.0, 0.5, 0.25)}
 QUICK = ("strategy.num_seeds=64", "strategy.local_steps=16", "strategy.batch_size=8", "strategy.lr=1e-2")
 
 register_method(
@@ -308,11 +312,11 @@ register_method(
         example_dp=ZEROTH_ORDER, client_dp=SEEDS_NOT_AN_UPDATE, quantized_base=UPDATES_THE_BASE,
         sum_only=Support(True, "the accumulators grow by Σ_k p_k of the clients' per-seed sums",
                          (Condition("encoding", "sums", "(index, value) pairs are lists, not vectors to add"),))),
-    payload=SEED_PAYLOAD, export=TUNED_MODEL, quick=QUICK)
+    payload=SEED_PAYLOAD, export=TUNED_MODEL, quick=QUICK, tuning=ZO_TUNING)
 register_method(
     "fedkseed_pro", FedKSeedPro, trainer="zo_seeds", config_cls=FedKSeedProConfig,
     capabilities=Capabilities(
         lr_schedule=ROUND_LR, warmup=NO_WARMUP, step_size="strategy.lr",
         example_dp=ZEROTH_ORDER, client_dp=SEEDS_NOT_AN_UPDATE, quantized_base=UPDATES_THE_BASE,
         sum_only=Support(False, "its seed probabilities follow every client's own |g| history")),
-    payload=SEED_PAYLOAD, export=TUNED_MODEL, quick=QUICK)
+    payload=SEED_PAYLOAD, export=TUNED_MODEL, quick=QUICK, tuning=ZO_TUNING)

@@ -47,6 +47,7 @@ from fedtune.flower.strategy import Arrays, ClientUpdate, FedtuneStrategy, weigh
 from fedtune.directions import SeedDirections, directions_for
 from fedtune.randomness import derive_seed, seed_pool
 from fedtune.registry import register_method
+from fedtune.tuning import LEARNING_RATES
 from fedtune.trainable import validate_trainable
 from strategies.fedavg_lora import LOCAL_LR
 from strategies.fedkseed import TUNED_MODEL, UPDATES_THE_BASE, bad_indices, check_cache_mb, index_dtype
@@ -279,4 +280,5 @@ register_method(
         quantized_base=UPDATES_THE_BASE),
     payload=Payload(down="K×L accumulated coefficients C (fp32)",
                     up="K_l per block (int32) and Σ_l K_l (seed index, coordinate) pairs", formula=ferret_bytes),
-    export=TUNED_MODEL, quick=("strategy.num_seeds=64", "train.local_steps=8"))
+    export=TUNED_MODEL, quick=("strategy.num_seeds=64", "train.local_steps=8"),
+    tuning={"train.lr": LEARNING_RATES, "strategy.num_seeds": (200, 100, 400)})  # local steps; K (official: 200)

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from fedtune.capabilities import UNIFORM_WEIGHTING, Capabilities, Payload, Support
 from fedtune.flower.strategy import Arrays
 from fedtune.registry import register_method
+from fedtune.tuning import LEARNING_RATES
 from fedtune.models.targets import lora_preflight
 from strategies.fedavg_lora import (ADAPTER_ONLY, FIRST_ORDER, LOCAL_LR, PEFT_EXPORT, FedAvgLoRA, FedAvgLoRAConfig,
                                     state_each_way)
@@ -59,4 +60,5 @@ register_method(
         sum_only=Support(True, "B̄ and the head are Σ_k p_k of the uploads (A never changes)"),
         identical_updates_fixed_point=True, quantized_base=ADAPTER_ONLY),
     payload=Payload(down="B and head (fp32)", up="B and head (fp32)", formula=state_each_way),
-    export=PEFT_EXPORT, preflight=lora_preflight)
+    export=PEFT_EXPORT, preflight=lora_preflight,
+    tuning={"train.lr": LEARNING_RATES})  # with A frozen, lr and alpha play one role: the paper tunes the lr

@@ -34,6 +34,7 @@ from fedtune.models.base_delta import fresh_adapter, load_non_lora
 from fedtune.models.export import load_exported
 from fedtune.randomness import torch_generator
 from fedtune.registry import register_method
+from fedtune.tuning import LEARNING_RATES
 from fedtune.models.targets import lora_preflight
 from strategies.fedavg_lora import FIRST_ORDER, LOCAL_LR, MERGES_INTO_BASE, weighted_average
 from strategies.lora_math import lora_keys, module_factors, require_choice, stack_factors
@@ -142,4 +143,5 @@ register_method(
                     up="this client's rank-r_k A, B and head (fp32)", formula=flora_bytes),
     export=Export("peft LoRA adapter (all-zero B, + head) and base_delta.safetensors (the merged base delta)",
                   load=load_exported),
-    quick=("strategy.ranks=[4,2,2]",), preflight=lora_preflight)
+    quick=("strategy.ranks=[4,2,2]",), preflight=lora_preflight,
+    tuning={"train.lr": LEARNING_RATES})

@@ -34,6 +34,7 @@ from fedtune.capabilities import Capabilities, Payload, Support
 from fedtune.config.method import MethodConfig
 from fedtune.flower.strategy import Arrays, ClientUpdate, FedtuneStrategy, weights_for
 from fedtune.registry import register_method
+from fedtune.tuning import LEARNING_RATES
 from fedtune.models.targets import lora_preflight
 from strategies.fedavg_lora import ADAPTER_ONLY, FIRST_ORDER, LOCAL_LR, PEFT_EXPORT, state_each_way, weighted_average
 from strategies.lora_math import lora_pairs, module_factors, require_choice, weighted_product
@@ -204,4 +205,5 @@ register_method(
         sum_only=Support(False, "its correction of B̄ needs ΔW = Σ_k p_k B_k A_k, the clients' own products"),
         identical_updates_fixed_point=True, quantized_base=ADAPTER_ONLY),
     payload=Payload(down="A, B and head (fp32)", up="A, B and head (fp32)", formula=state_each_way),
-    export=PEFT_EXPORT, preflight=lora_preflight)
+    export=PEFT_EXPORT, preflight=lora_preflight,
+    tuning={"train.lr": LEARNING_RATES, "strategy.lam": (0.01, 0.001, 0.1)})  # the paper's λ = 0.01, a decade each way

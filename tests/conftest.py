@@ -87,11 +87,11 @@ def load_study_main():  # type: ignore[no-untyped-def]
 
 
 def study_args(root: Path) -> list[str]:
-    """``simulations/study.py`` arguments for one run of ``SIMULATION_OVERRIDES`` that the
+    """``simulations/study.py`` arguments for one untuned run of ``SIMULATION_OVERRIDES`` that the
     server SIGKILLs after round 2's checkpoint (``faults.server_kill_round=2``), tracked in
     MLflow (tests/test_tracking.py reads the resumed run back)."""
     extra = [o for o in SIMULATION_OVERRIDES.split() if not o.startswith(("seed=", "num_rounds="))]
-    return ["--out", str(root), "--strategies", "fedavg_lora", "--seeds", "3", "--partitions", "dir0.5",
+    return ["--out", str(root), "--stage", "untuned", "--strategies", "fedavg_lora", "--seeds", "3", "--partitions", "dir0.5",
             "--rounds", "3", "--target", "0.3", *extra, "faults.server_kill_round=2", "tracking=mlflow"]
 
 

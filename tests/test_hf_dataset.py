@@ -74,6 +74,35 @@ def test_validation_split_is_carved_from_train_and_never_the_test_split(data_fil
         hf_config(tiny_llama, path, "alpaca", "eval.split=validation")
 
 
+@pytest.mark.parametrize("name", ["tiny", "bbc_news"])
+def test_a_builtin_dataset_carves_validation_from_train_and_zero_changes_nothing(name: str) -> None:
+    """``dataset.validation_fraction`` on the built-in datasets is dataset=hf's carve: 0 keeps
+    train and test exactly the seeded stratified split; F > 0 takes a stratified share of
+    the training split only, the test split untouched, and eval.split=validation scores it."""
+    import numpy as np
+
+    from fedtune.data.sources import TINY_FILE, _read_rows, read_bbc_news, stratified_split
+
+    if name == "tiny":
+        rows = _read_rows(TINY_FILE)
+        names = sorted({r["label"] for r in rows})
+        texts, labels = [r["text"] for r in rows], [names.index(r["label"]) for r in rows]
+    else:
+        texts, labels, _ = read_bbc_news()
+    train_idx, test_idx = stratified_split(labels, 0.2, 0)
+    plain = Workspace(compose(f"model=tiny dataset={name}")).data
+    assert plain.train.texts == [texts[i] for i in train_idx] and plain.test.texts == [texts[i] for i in test_idx]
+    assert len(plain.validation) == 0
+    cfg = compose(f"model=tiny dataset={name} dataset.validation_fraction=0.2 eval.split=validation")
+    carved = Workspace(cfg).data
+    assert (carved.test.texts, carved.test.labels) == (plain.test.texts, plain.test.labels)
+    assert sorted(carved.train.texts + carved.validation.texts) == sorted(plain.train.texts)
+    assert not set(carved.train.texts) & set(carved.validation.texts)
+    per_class = np.bincount(plain.train.labels)
+    assert np.bincount(carved.validation.labels).tolist() == [int(round(0.2 * n)) for n in per_class]
+    assert len(Workspace(cfg).encoded("validation")) == len(carved.validation)
+
+
 def test_a_named_test_split_is_used_as_is(tmp_path: Path, tiny_llama: Path) -> None:
     import datasets
 

@@ -121,6 +121,21 @@ def test_one_category_per_client_and_a_heldout_category(cache) -> None:  # type:
     assert not set(data.heldout.texts) & set(data.train.texts)
 
 
+def test_a_validation_carve_scores_seen_and_heldout_topics_apart_from_test(cache) -> None:  # type: ignore[no-untyped-def]
+    """``dataset.validation_fraction`` on bbc_instruct is bbc_news's carve: the test split and
+    the held-out test articles do not change, the validation split's held-out topic is scored
+    apart as on test, and no client trains on a validation article."""
+    plain = Workspace(compose(task(cache))).data
+    ws = Workspace(compose(task(cache, "dataset.validation_fraction=0.2", "eval.split=validation")))
+    data = ws.data
+    assert (data.test, data.heldout) == (plain.test, plain.heldout)
+    assert set(data.validation.labels) == {0, 1} and set(data.heldout_validation.labels) == {2}
+    assert not set(data.validation.texts) & set(data.train.texts)
+    assert sorted(data.train.texts + data.validation.texts) == sorted(plain.train.texts)
+    scored = ws.encoded("validation")
+    assert (len(scored.seen), len(scored.heldout)) == (len(data.validation), len(data.heldout_validation))
+
+
 def test_sliced_loss_and_shared_prompt_scoring_are_exact(cache) -> None:  # type: ignore[no-untyped-def]
     from fedtune.evaluation import answer_scores
 

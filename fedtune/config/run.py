@@ -78,8 +78,8 @@ def from_dict(data: dict[str, Any]) -> RunConfig:
     for key, value in named.items():
         setattr(cfg, key, value)
     if cfg.eval.split == "validation" and not getattr(cfg.dataset, "validation_fraction", 0):
-        raise ConfigError(f"eval.split: validation needs a validation split; set dataset.validation_fraction > 0 "
-                          f"(dataset=hf), got dataset={cfg.dataset.name} without one")
+        raise ConfigError(f"eval.split: validation needs a validation split; set dataset.validation_fraction > 0, "
+                          f"got dataset={cfg.dataset.name} without one")
     PRIVACY.get(cfg.privacy.name).check(cfg)  # e.g. privacy=dp_sgd with a zeroth-order method: refused here
     check_schedule(cfg)  # e.g. train.warmup_steps with a zeroth-order method: refused here
     check_quantized_base(cfg)  # a quantized base under a method that updates or merges into it: refused here

@@ -114,8 +114,8 @@ EVAL_SPLITS = ("test", "validation")
 class EvalConfig:
     """Server-side evaluation of the global model on the held-out test split.
 
-    ``split``: what the server scores, ``test`` or ``validation`` (``dataset=hf`` with
-    ``dataset.validation_fraction > 0``), so a tuning study never looks at the test split.
+    ``split``: what the server scores, ``test`` or ``validation`` (``dataset.validation_fraction
+    > 0``: carved from the training split), so a tuning study never looks at the test split.
     ``max_new_tokens``: greedy decoding's cap on a generative dataset (:mod:`fedtune.generation`).
     """
 

@@ -111,8 +111,8 @@ def left_pad(rows: list[list[int]], answers: list[list[int]], pad_id: int, keep:
 
 def encode_instruct(tokenizer, data, split: str,  # type: ignore[no-untyped-def]
                     max_length: int) -> CausalEncoded | CausalEval:
-    """``"train"``: the answer-masked training sequences; ``"test"``: the :class:`CausalEval`
-    (prompts only: candidates are scored on one shared prompt pass, :mod:`fedtune.evaluation`)."""
+    """``"train"``: the answer-masked training sequences; ``"test"`` / ``"validation"``: the
+    :class:`CausalEval` (prompts only: candidates are scored on one shared prompt pass, :mod:`fedtune.evaluation`)."""
     before, after = template_parts(tokenizer, data.template)
     answers = answer_ids(tokenizer, data.label_names)
     longest = max(len(a) for a in answers)
@@ -134,8 +134,8 @@ def encode_instruct(tokenizer, data, split: str,  # type: ignore[no-untyped-def]
         rows = prompts(data.train.texts)
         gold = [answers[y] for y in data.train.labels]
         return left_pad([p + a for p, a in zip(rows, gold)], gold, pad_id, keep)
-    if split != "test":
-        raise ValueError(f"unknown split {split!r}; expected 'train' or 'test'")
+    if split not in ("test", "validation"):
+        raise ValueError(f"unknown split {split!r}; expected 'train', 'test' or 'validation'")
 
     def prompt_set(split_data) -> Prompts | None:  # type: ignore[no-untyped-def]
         if not len(split_data):
@@ -144,7 +144,7 @@ def encode_instruct(tokenizer, data, split: str,  # type: ignore[no-untyped-def]
         enc = left_pad(rows, [[]] * len(rows), pad_id, keep)
         return Prompts(enc.input_ids, enc.attention_mask, torch.tensor(split_data.labels, dtype=torch.long))
 
-    seen = prompt_set(data.test)
+    seen = prompt_set(getattr(data, split))
     if seen is None:
-        raise ConfigError(f"dataset: the test split of {type(data).__name__} has no seen-category examples")
-    return CausalEval(seen, prompt_set(data.heldout), answers, pad_id)
+        raise ConfigError(f"dataset: the {split} split of {type(data).__name__} has no seen-category examples")
+    return CausalEval(seen, prompt_set(data.heldout if split == "test" else data.heldout_validation), answers, pad_id)

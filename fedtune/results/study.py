@@ -1,11 +1,14 @@
 """Aggregate a study: many completed run directories → one table and mean curves.
 
 A study directory holds ``<partition>/<strategy>/seed<k>/`` run directories (what
-``simulations/study.py`` writes).  Per (partition, strategy) over the seeds this computes
-the final accuracy mean ± std, the payload bytes per client-round of the training
-exchange (ledger kind ``train``; one-time set-up traffic such as Fed-SB's init gradients
-and bases is reported apart, in total and per direction), the wire bytes needed to first
-reach a target accuracy, and the median seconds per round; and the mean accuracy-vs-cumulative-bytes curve with its seed band,
+``simulations/study.py`` writes; its tuning trials sit apart, under ``tuning/``, see
+:mod:`fedtune.results.tuning`).  Per (partition, strategy) over the seeds this computes
+the final score mean ± std (``eval_accuracy``, or another metrics.csv column such as a
+generative benchmark's ``rouge_l``, and its held-out counterpart when there is one), the
+payload bytes per client-round of the training exchange (ledger kind ``train``; one-time
+set-up traffic such as Fed-SB's init gradients and bases is reported apart, in total and
+per direction), the wire bytes needed to first reach a target accuracy, and the median
+seconds per round; and the mean accuracy-vs-cumulative-bytes curve with its seed band,
 from which :func:`pareto_front` keeps the points no other point beats on both axes.
 :func:`grid_cells` says where every cell of a requested grid stands (a full grid on the
 default model is many hours of runs on two cores, so it is filled over several sittings).
@@ -55,7 +58,7 @@ class GridCell:
     partition: str
     strategy: str
     seed: int
-    status: str  # completed | running | failed | missing (run_status)
+    status: str  # completed | running | failed | missing (run_status); a tuning trial: also refused
     rounds_done: int  # last round in its metrics.csv (0: none yet)
     wall_seconds: float  # its metrics.csv's last wall_seconds (0: none yet)
 
@@ -80,9 +83,10 @@ def grid_cells(root: Path, partitions: list[str], strategies: list[str], seeds: 
 
 def measured_pace(root: Path) -> dict[str, float]:
     """Wall seconds per round of each strategy, over every run under ``root`` with a round
-    done (any partition, seed or status: the pace of the machine that ran them)."""
+    done (any partition, seed, tuning trial or status: the pace of the machine that ran them)."""
     pace: dict[str, list[float]] = defaultdict(list)
-    for metrics in Path(root).glob("*/*/seed*/metrics.csv"):
+    runs = [*Path(root).glob("*/*/seed*/metrics.csv"), *Path(root).glob("tuning/*/*/trial*/metrics.csv")]
+    for metrics in runs:
         rounds, wall = rounds_and_wall(metrics.parent)
         if rounds > 0 and wall > 0:
             pace[metrics.parent.parent.name].append(wall / rounds)
@@ -94,7 +98,7 @@ def seconds_left(cells: list[GridCell], rounds: int, pace: dict[str, float]) -> 
     strategies with no pace yet."""
     left, unknown = 0.0, []
     for c in cells:
-        if c.status == "completed":
+        if c.status in ("completed", "refused"):  # refused: a tuning trial fedtune never ran
             continue
         if c.strategy not in pace:
             unknown.append(c.strategy)
@@ -104,10 +108,11 @@ def seconds_left(cells: list[GridCell], rounds: int, pace: dict[str, float]) -> 
     return left, sorted(set(unknown))
 
 
-def grid_markdown(cells: list[GridCell], rounds: int) -> str:
-    """The grid as Markdown: a line per partition × strategy, a column per seed."""
+def grid_markdown(cells: list[GridCell], rounds: int, column: str = "seed") -> str:
+    """The grid as Markdown: a line per partition × strategy, a column per seed (or per
+    tuning trial, ``column="trial"``: then ``GridCell.seed`` holds the trial's number)."""
     seeds = sorted({c.seed for c in cells})
-    lines = ["| partition | strategy | " + " | ".join(f"seed {s}" for s in seeds) + " |",
+    lines = ["| partition | strategy | " + " | ".join(f"{column} {s}" for s in seeds) + " |",
              "| --- | --- | " + " | ".join("---" for _ in seeds) + " |"]
     by_row: dict[tuple[str, str], dict[int, GridCell]] = defaultdict(dict)
     for c in cells:
@@ -120,6 +125,8 @@ def grid_markdown(cells: list[GridCell], rounds: int) -> str:
                 marks.append("–")
             elif c.status == "completed":
                 marks.append(f"done ({c.wall_seconds / 60:.0f} min)")
+            elif c.status == "refused":
+                marks.append("refused")
             else:
                 marks.append(f"{c.status}, round {c.rounds_done}/{rounds}")
         lines.append(f"| {partition} | `{strategy}` | " + " | ".join(marks) + " |")
@@ -137,14 +144,34 @@ def collect(root: Path) -> list[StudyRun]:
     return runs
 
 
-def _evaluated(rows: list[dict[str, str]]) -> list[dict[str, str]]:
-    return [r for r in rows if r["eval_accuracy"] not in ("", "nan") and not math.isnan(float(r["eval_accuracy"]))]
+def _measured(value: str | None) -> bool:
+    return value not in (None, "", "nan") and not math.isnan(float(value))
 
 
-def bytes_to_target(rows: list[dict[str, str]], target: float) -> int | None:
-    """Cumulative wire bytes at the first evaluated round with accuracy ≥ ``target`` (None: never)."""
-    for r in _evaluated(rows):
-        if float(r["eval_accuracy"]) >= target:
+def _evaluated(rows: list[dict[str, str]], metric: str = "eval_accuracy") -> list[dict[str, str]]:
+    return [r for r in rows if _measured(r.get(metric))]
+
+
+def metric_name(metric: str) -> str:
+    """The name a metric goes by in the table's columns: ``accuracy`` for ``eval_accuracy``."""
+    return "accuracy" if metric == "eval_accuracy" else metric
+
+
+def heldout_metric(metric: str) -> str:
+    """The metrics.csv column of ``metric`` on the held-out categories."""
+    return f"heldout_{metric_name(metric)}"
+
+
+def final_value(rows: list[dict[str, str]], metric: str = "eval_accuracy") -> float | None:
+    """``metric`` at the last round that measured it (None: never measured, or NaN)."""
+    evaluated = _evaluated(rows, metric)
+    return float(evaluated[-1][metric]) if evaluated else None
+
+
+def bytes_to_target(rows: list[dict[str, str]], target: float, metric: str = "eval_accuracy") -> int | None:
+    """Cumulative wire bytes at the first evaluated round with ``metric`` ≥ ``target`` (None: never)."""
+    for r in _evaluated(rows, metric):
+        if float(r[metric]) >= target:
             return int(r["cumulative_bytes"])
     return None
 
@@ -167,42 +194,48 @@ def _std(values: list[float]) -> float:
     return statistics.stdev(values) if len(values) > 1 else 0.0
 
 
-def summarise(runs: list[StudyRun], target: float) -> list[dict[str, object]]:
-    """One row per (partition, strategy), sorted: the study table."""
+def summarise(runs: list[StudyRun], target: float, metric: str = "eval_accuracy") -> list[dict[str, object]]:
+    """One row per (partition, strategy), sorted: the study table (``final_<name>_mean`` /
+    ``_std`` for ``metric``, and ``final_heldout_<name>_*`` where every run measured it)."""
     groups: dict[tuple[str, str], list[StudyRun]] = defaultdict(list)
     for run in runs:
         groups[(run.partition, run.strategy)].append(run)
     table = []
+    name, held = metric_name(metric), heldout_metric(metric)
     for (partition, strategy), group in sorted(groups.items()):
-        finals = [float(_evaluated(r.rows)[-1]["eval_accuracy"]) for r in group]
-        reach = [b for r in group if (b := bytes_to_target(r.rows, target)) is not None]
+        finals = [float(_evaluated(r.rows, metric)[-1][metric]) for r in group]
+        heldout = [v for r in group if (v := final_value(r.rows, held)) is not None]
+        reach = [b for r in group if (b := bytes_to_target(r.rows, target, metric)) is not None]
         per_round = [statistics.median(float(x["round_seconds"]) for x in r.rows[1:]) for r in group if len(r.rows) > 1]
         table.append({
             "partition": partition, "strategy": strategy, "seeds": len(group),
             "rounds": max(int(r.rows[-1]["round"]) for r in group),
-            "final_accuracy_mean": statistics.fmean(finals), "final_accuracy_std": _std(finals),
+            f"final_{name}_mean": statistics.fmean(finals), f"final_{name}_std": _std(finals),
+            **({f"final_{held}_mean": statistics.fmean(heldout), f"final_{held}_std": _std(heldout)}
+               if len(heldout) == len(group) else {}),
             "payload_up_per_client_round": statistics.fmean(payload_per_client_round(r.ledger, "up") for r in group),
             "payload_down_per_client_round": statistics.fmean(payload_per_client_round(r.ledger, "down") for r in group),
             "one_time_bytes": statistics.fmean(one_time_bytes(r.ledger) for r in group),
             "one_time_up_bytes": statistics.fmean(one_time_bytes(r.ledger, "up") for r in group),
             "one_time_down_bytes": statistics.fmean(one_time_bytes(r.ledger, "down") for r in group),
             "total_bytes": statistics.fmean(int(r.rows[-1]["cumulative_bytes"]) for r in group),
-            "target_accuracy": target, "seeds_reaching_target": len(reach),
+            "metric": metric, "target": target, "seeds_reaching_target": len(reach),
             "bytes_to_target_mean": statistics.fmean(reach) if reach else None,
             "seconds_per_round_median": statistics.median(per_round) if per_round else None,
         })
     return table
 
 
-def mean_curve(group: list[StudyRun]) -> list[tuple[float, float, float]]:
-    """Per evaluated round present in every seed: (mean cumulative bytes, mean acc., std acc.)."""
-    by_round = [{int(r["round"]): r for r in _evaluated(run.rows)} for run in group]
+def mean_curve(group: list[StudyRun], metric: str = "eval_accuracy",
+               x: str = "cumulative_bytes") -> list[tuple[float, float, float]]:
+    """Per evaluated round present in every seed: (mean ``x``, mean ``metric``, its std);
+    ``x`` is ``cumulative_bytes`` or ``round``."""
+    by_round = [{int(r["round"]): r for r in _evaluated(run.rows, metric)} for run in group]
     common = sorted(set.intersection(*(set(b) for b in by_round)))
     out = []
     for rnd in common:
-        accs = [float(b[rnd]["eval_accuracy"]) for b in by_round]
-        out.append((statistics.fmean(int(b[rnd]["cumulative_bytes"]) for b in by_round),
-                    statistics.fmean(accs), _std(accs)))
+        values = [float(b[rnd][metric]) for b in by_round]
+        out.append((statistics.fmean(float(b[rnd][x]) for b in by_round), statistics.fmean(values), _std(values)))
     return out
 
 
@@ -225,17 +258,24 @@ def _fmt_bytes(n: float | None) -> str:
 
 def markdown_table(table: list[dict[str, object]]) -> str:
     """The study table as Markdown (one line per partition × strategy)."""
-    target = table[0]["target_accuracy"] if table else 0.0
-    lines = [f"| partition | strategy | seeds | final acc. (mean ± std) | payload up / down per client-round "
-             f"| one-time bytes | total bytes | bytes to acc. ≥ {target:g} (seeds reaching) | median s/round |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    target = table[0]["target"] if table else 0.0
+    name = metric_name(str(table[0]["metric"])) if table else "accuracy"
+    short = "acc." if name == "accuracy" else name
+    held = f"final_heldout_{name}"
+    with_heldout = bool(table) and all(f"{held}_mean" in r for r in table)
+    lines = [f"| partition | strategy | seeds | final {short} (mean ± std) | "
+             + (f"held-out {short} (mean ± std) | " if with_heldout else "")
+             + f"payload up / down per client-round | one-time bytes | total bytes | bytes to {short} ≥ {target:g} "
+             "(seeds reaching) | median s/round |",
+             "| --- | --- | --- | --- | " + ("--- | " if with_heldout else "") + "--- | --- | --- | --- | --- |"]
     for r in table:
         spr = r["seconds_per_round_median"]
         one_time = (f"{_fmt_bytes(r['one_time_bytes'])} (up {_fmt_bytes(r['one_time_up_bytes'])}, "
                     f"down {_fmt_bytes(r['one_time_down_bytes'])})") if r["one_time_bytes"] else "0"
+        heldout = f"{r[f'{held}_mean']:.3f} ± {r[f'{held}_std']:.3f} | " if with_heldout else ""
         lines.append(
-            f"| {r['partition']} | `{r['strategy']}` | {r['seeds']} | {r['final_accuracy_mean']:.3f} ± "
-            f"{r['final_accuracy_std']:.3f} | {r['payload_up_per_client_round']:,.0f} / "
+            f"| {r['partition']} | `{r['strategy']}` | {r['seeds']} | {r[f'final_{name}_mean']:.3f} ± "
+            f"{r[f'final_{name}_std']:.3f} | {heldout}{r['payload_up_per_client_round']:,.0f} / "
             f"{r['payload_down_per_client_round']:,.0f} B | {one_time} "
             f"| {_fmt_bytes(r['total_bytes'])} | {_fmt_bytes(r['bytes_to_target_mean'])} "
             f"({r['seeds_reaching_target']}/{r['seeds']}) | {'–' if spr is None else f'{spr:.1f}'} |")
