@@ -39,7 +39,8 @@ import pytest  # noqa: E402
 
 from fedtune.runtime.processes import process_table  # noqa: E402
 
-SIMULATION_OVERRIDES = "model=tiny dataset=tiny federation.num_clients=4 num_rounds=3 seed=3 train.local_steps=8"
+SIMULATION_OVERRIDES = ("model=tiny dataset=tiny federation.num_clients=4 num_rounds=3 seed=3 train.local_steps=8 "
+                        "runtime.client_num_cpus=2")  # one client actor: tiny clients train in a second
 # Flower's own simulation path: a roll-call to learn the node map, Flower's message loop
 # (fedtune's default reads the engine's node map and pumps messages in one pass).
 STOCK_ENGINE = "runtime.node_map=rollcall runtime.fast_message_pump=false"

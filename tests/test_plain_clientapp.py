@@ -36,8 +36,8 @@ BASE = (f"model=tiny dataset=tiny federation.num_clients={NUM_NODES} federation.
 QUICK = {"num_seeds": 64, "local_steps": 8}  # method config fields shrunk for the tiny model, where present
 VERBATIM = "FedAvgLoRA(num_clients=3, clients_per_round=3).start(grid, ArrayRecord(init), num_rounds=2)"
 BY_RANK_WARNING = "reproducible only for the same node ids"
-RAY = {"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-       "init_args": {"num_cpus": 2, "object_store_memory": 128 * 2**20, "include_dashboard": False}}
+# Flower's own backend config, attached to the suite's shared Ray cluster (conftest.ray_address), one actor
+RAY_CLIENT_RESOURCES = {"num_cpus": 2, "num_gpus": 0.0}
 
 
 @pytest.fixture
@@ -87,7 +87,7 @@ class _Warnings(logging.Handler):
 
 
 @pytest.fixture(scope="module")
-def plain_runs() -> dict[str, dict[str, Any]]:
+def plain_runs(ray_address: str) -> dict[str, dict[str, Any]]:
     """One Flower simulation whose ServerApp runs every registered method in turn, each
     ``strategy.start(grid, ArrayRecord(initial), num_rounds=2)`` as a Flower user calls it."""
     import ray
@@ -120,7 +120,8 @@ def plain_runs() -> dict[str, dict[str, Any]]:
     cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the ClientApp is defined here
     try:
         run_simulation(server_app=server, client_app=plain_client_app(configs), num_supernodes=NUM_NODES,
-                       backend_config=RAY)
+                       backend_config={"client_resources": RAY_CLIENT_RESOURCES,
+                                       "init_args": {"address": ray_address}})
     finally:
         cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
         if ray.is_initialized():
