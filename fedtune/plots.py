@@ -148,8 +148,8 @@ def plot_study(runs: list[StudyRun], path: Path, title: str | None = None, metri
                 continue
             xs, ys, sd = zip(*curve)
             ax.plot(xs, ys, marker="o", markersize=2.5, color=colours[strategy], label=f"{strategy} (n={len(group)})")
-            one_time = statistics.fmean(one_time_bytes(r.ledger) for r in group)
-            if by_bytes and one_time and full[0][0] == 0:  # the seeds' mean one-time bytes, at their mean round-0 accuracy
+            one_time = statistics.fmean(one_time_bytes(r.ledger) for r in group) if by_bytes else 0.0
+            if one_time and full[0][0] == 0:  # the seeds' mean one-time bytes, at their mean round-0 accuracy
                 _mark_setup(ax, (one_time, full[0][1]), (xs[0], ys[0]), colours[strategy])
                 marked = True
             ax.fill_between(xs, [y - s for y, s in zip(ys, sd)], [y + s for y, s in zip(ys, sd)],
