@@ -111,8 +111,23 @@ _SHARED_RAY: list = []  # the session's shared cluster, once started
 def on_shared_ray(address: str) -> str:
     """Overrides that attach a simulation to the shared cluster (:func:`ray_address`) with one
     client actor: the tiny tests' clients train in a second each, so one process importing
-    torch and building the model beats two competing for the same two cores."""
-    return f"runtime.ray_address={address} runtime.client_num_cpus=2"
+    torch and building the model beats two competing for the same two cores.  The actor is
+    warm (``runtime.warm_actors``): the next such run reuses its process and imports."""
+    return f"runtime.ray_address={address} runtime.client_num_cpus=2 runtime.warm_actors=true"
+
+
+def end_warm_actors(address: str) -> None:
+    """Before a simulation that does not go through fedtune's ``simulate`` (which does this
+    itself): the shared cluster's idle warm actor holds both its CPUs."""
+    import ray
+
+    from fedtune.runtime import flower_private
+
+    ray.init(address=address)
+    try:
+        flower_private.end_warm_actors()
+    finally:
+        ray.shutdown()
 
 
 @pytest.fixture(scope="session")

@@ -8,12 +8,10 @@ Rows marked "gap" were accepted (or crashed later, inside the run) before issue 
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from cli_testing import fedtune_run
 
 from fedtune.config import FAULT_MODES, compose
 from fedtune.errors import ConfigError
@@ -146,12 +144,6 @@ def test_the_default_config_is_valid() -> None:
     assert cfg.faults.fraction == 0.0 and cfg.faults.modes == ["raise"]
 
 
-def _cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
-    return subprocess.run([sys.executable, "-m", "fedtune.cli", "run", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=300)
-
-
 @pytest.mark.parametrize("override,message", [
     ("federation.nope=1", "federation.nope is not a known field; accepted: "),  # was Hydra's 6 lines, exit code 1
     ("train.lr=${oops}", "train.lr: Interpolation key 'oops' not found"),  # was a traceback
@@ -160,7 +152,7 @@ def _cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
 ])
 def test_cli_bad_config_exits_2_with_one_line_and_no_run_dir(tmp_path: Path, override: str, message: str) -> None:
     run_dir = tmp_path / "run"
-    proc = _cli([*BASE, override, f"hydra.run.dir={run_dir}"], tmp_path)
+    proc = fedtune_run([*BASE, override, f"hydra.run.dir={run_dir}"], tmp_path)
     assert proc.returncode == 2, proc.stderr
     errors = [line for line in proc.stderr.splitlines() if line.startswith("fedtune: error:")]
     assert len(errors) == 1 and message in errors[0], proc.stderr

@@ -1,11 +1,9 @@
 """Bad input gets one clear line naming the field and what is accepted."""
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from cli_testing import fedtune_run
 
 from fedtune.config import compose
 from fedtune.errors import ConfigError
@@ -54,18 +52,13 @@ def test_more_clients_than_data() -> None:
         Workspace(cfg).partitions()
 
 
-def _cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
-    return subprocess.run([sys.executable, "-m", "fedtune.cli", "run", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=300)
-
-
-@pytest.mark.parametrize("override,field", [("strategy=nope", "strategy"), ("model.lora.rank=0", "model.lora.rank"),
-                                            ("dataset=csv", "dataset.path"),
-                                            ("strategy=fed_sb strategy.rank=1000", "strategy.rank")])
-def test_cli_exits_nonzero_with_one_line_and_no_run_dir(tmp_path: Path, override: str, field: str) -> None:
+@pytest.mark.parametrize("override,field,child", [("strategy=nope", "strategy", True),  # the real process exit
+                                                  ("model.lora.rank=0", "model.lora.rank", False),
+                                                  ("dataset=csv", "dataset.path", False),
+                                                  ("strategy=fed_sb strategy.rank=1000", "strategy.rank", False)])
+def test_cli_exits_nonzero_with_one_line_and_no_run_dir(tmp_path: Path, override: str, field: str, child: bool) -> None:
     run_dir = tmp_path / "run"
-    proc = _cli(["model=tiny", "dataset=tiny", *override.split(), f"hydra.run.dir={run_dir}"], tmp_path)
+    proc = fedtune_run(["model=tiny", "dataset=tiny", *override.split(), f"hydra.run.dir={run_dir}"], tmp_path, child)
     assert proc.returncode == 2
     errors = [line for line in proc.stderr.splitlines() if line.startswith("fedtune: error:")]
     assert len(errors) == 1 and field in errors[0], proc.stderr

@@ -9,14 +9,12 @@ file may only select and override: a key it sets that no dataclass declares is a
 from __future__ import annotations
 
 import dataclasses
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
+from cli_testing import fedtune_run
 
 from fedtune.models.zoo import minilm_dir
 from fedtune.config import CONFIG_DIR, ConfigError, RunConfig, compose
@@ -112,19 +110,13 @@ def test_a_yaml_key_or_value_its_dataclass_does_not_accept_is_an_error(config_co
     assert message in str(info.value) and "\n" not in str(info.value)
 
 
-def _cli(*args: str) -> subprocess.CompletedProcess:
-    env_path = str(Path(__file__).resolve().parent.parent)
-    return subprocess.run([sys.executable, "-m", "fedtune.cli", "run", *args], capture_output=True, text=True,
-                          timeout=300, env={**os.environ, "PYTHONPATH": env_path})
-
-
 def test_cli_help_and_cfg_job_show_the_dataclass_fields() -> None:
-    job = _cli("--cfg", "job", "strategy=fed_sb", "strategy.rank=8", "model=tiny")
+    job = fedtune_run(["--cfg", "job", "strategy=fed_sb", "strategy.rank=8", "model=tiny"])
     assert job.returncode == 0, job.stderr
     shown = yaml.safe_load(job.stdout)
     assert shown["strategy"] == {**_defaults(NAMED_SECTIONS["strategy"].get("fed_sb").config_cls, "fed_sb"), "rank": 8}
     assert shown["train"]["lr"] == 1e-2  # model=tiny's preset
-    help_text = _cli("--help").stdout
+    help_text = fedtune_run(["--help"]).stdout
     for group, names in (("strategy", NAMED_SECTIONS["strategy"].names()), ("privacy", ["client_dp", "dp_sgd"])):
         assert f"{group}: " in help_text and all(n in help_text for n in names)
     assert "round_timeout: 3600.0" in help_text

@@ -8,15 +8,17 @@ BERT of ``model=tiny`` written with ``save_pretrained`` and loaded back through
 case is conftest's shared same-seed run of ``model=tiny dataset=tiny``); each run must
 complete with all clients replying, its global eval loss must fall, its uplink payload must
 be metered, and (methods whose export declares a loader) its exported ``adapter/`` must
-reload to the final accuracy.  On a causal LM every method runs a round in process
-(tests/test_hf_model.py) and FedAvg-LoRA on Ray (tests/test_hf_simulation.py, and 4-bit in
-tests/test_hf_model.py); ``simulations/every_method_hf.py`` runs every method's Ray round on a
-causal LM (too long for the suite).
+reload to the final accuracy.  On a causal LM (a tiny random Llama saved with
+``save_pretrained``, Alpaca-style JSON Lines) every method completes a Ray round through the
+same check as ``simulations/every_method_hf.py`` (its ``overrides`` and ``check``), which
+also runs alone and writes a table.
 """
 
 import csv
+import importlib.util
 import json
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 from conftest import SIMULATION_OVERRIDES, on_shared_ray
@@ -43,6 +45,24 @@ def tiny_bert(tmp_path_factory: pytest.TempPathFactory) -> Path:
     MODELS.get("tiny").build(TinyModelConfig(), 4, SEED).save_pretrained(str(folder))
     load_tokenizer().save_pretrained(str(folder))
     return folder
+
+
+@pytest.fixture(scope="module")
+def every_method_hf() -> ModuleType:
+    """``simulations/every_method_hf.py`` as a module (a script, not a package)."""
+    path = Path(__file__).resolve().parent.parent / "simulations" / "every_method_hf.py"
+    spec = importlib.util.spec_from_file_location("every_method_hf", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def llama_and_alpaca(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    from hf_testing import save_tiny_model, write_dataset
+
+    root = tmp_path_factory.mktemp("every_method_hf")
+    return save_tiny_model(root / "llama", "llama"), write_dataset(root / "alpaca.jsonl", "alpaca", n=32)
 
 
 def _overrides(name: str, tiny_bert: Path, ray_address: str = "") -> list[str]:
@@ -82,3 +102,13 @@ def test_method_runs_end_to_end_and_learns(name: str, tmp_path: Path, request: p
         _, acc = evaluate(model, ws.encoded("test"), 64, ws.device)
         assert acc == pytest.approx(summary_file["final_accuracy"], abs=5e-7)
 
+
+
+@pytest.mark.parametrize("name", METHODS.names())
+def test_method_completes_a_ray_round_on_a_causal_lm(name: str, tmp_path: Path, every_method_hf: ModuleType,
+                                                     llama_and_alpaca: tuple[Path, Path], ray_address: str) -> None:
+    model_dir, data_file = llama_and_alpaca
+    args = [*every_method_hf.overrides(name, model_dir, data_file, METHODS.get(name).quick),
+            *on_shared_ray(ray_address).split()]
+    result = every_method_hf.check(name, args, tmp_path)
+    assert result["passed"], result

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import pytest
+from conftest import on_shared_ray
 import torch
 from method_testing import LocalGrid
 from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
@@ -285,10 +286,13 @@ SIM = (f"{BASE} federation.num_clients=10 num_rounds=2 train.local_steps=4 "
 
 
 @pytest.mark.simulation
-def test_simulation_with_30_percent_failing_clients(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_simulation_with_30_percent_failing_clients(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                    ray_address: str) -> None:
+    """On the shared cluster's warm actor: an ``exit`` fault ends its process, and Ray
+    restarts it (a detached actor restarts as any other)."""
     from fedtune.runtime.simulation import simulate
 
-    cfg = compose(SIM)
+    cfg = compose(f"{SIM} {on_shared_ray(ray_address)}")
     summary = simulate(cfg, tmp_path)
     out = capsys.readouterr().out
 

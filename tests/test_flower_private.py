@@ -43,14 +43,14 @@ def test_the_checked_flower_is_the_installed_one() -> None:
 
 def test_on_another_flower_each_feature_is_off_and_says_so_once(other_flower: None, tmp_path: Path,
                                                                 capsys: pytest.CaptureFixture) -> None:
-    loop, register, terminate = vce_api.add_messages_to_queue, vce_api._register_nodes, \
-        BasicActorPool.terminate_all_actors
+    loop, register, terminate, add = vce_api.add_messages_to_queue, vce_api._register_nodes, \
+        BasicActorPool.terminate_all_actors, BasicActorPool.add_actors_to_pool
     for _ in range(2):  # a second simulation in the same process says nothing new
         with fast_message_pump(True) as pumped, capture_roster(True) as roster, \
-                flower_private.quiet_actor_shutdown() as quiet:
-            assert (pumped, roster, quiet) == (False, None, False)
+                flower_private.quiet_actor_shutdown() as quiet, flower_private.warm_actors(True) as warm:
+            assert (pumped, roster, quiet, warm) == (False, None, False, False)
             assert vce_api.add_messages_to_queue is loop and vce_api._register_nodes is register
-            assert BasicActorPool.terminate_all_actors is terminate
+            assert BasicActorPool.terminate_all_actors is terminate and BasicActorPool.add_actors_to_pool is add
     assert not LocalTrial(tmp_path / "trial", warm=True).warm  # Flower's own SuperExec instead
     with pytest.raises(SystemExit, match="warm SuperExec off"):
         warm_superexec.main(["--runtime-api-address", "127.0.0.1:9094", "--insecure", "--preload"])
@@ -61,6 +61,8 @@ def test_on_another_flower_each_feature_is_off_and_says_so_once(other_flower: No
         "(the server holds a roll-call: one ClientApp call per virtual client)",
         f"fedtune: flwr {OTHER} is not 1.41.0: quiet actor shutdown off "
         "(Ray prints '(raylet) Task ClientAppActor.terminate failed' lines at the end)",
+        f"fedtune: flwr {OTHER} is not 1.41.0: warm actors off "
+        "(every run starts its client actors afresh: imports, about 10 CPU s each)",
         f"fedtune: flwr {OTHER} is not 1.41.0: warm SuperExec off "
         "(each app process imports torch again, about 10 CPU s per message)"]
 
@@ -78,17 +80,18 @@ def test_on_the_checked_flower_the_hooks_are_in_and_restored(capsys: pytest.Capt
     from flwr.supercore.object_store import ObjectStoreFactory
     from flwr.superlink.federation import NoOpFederationManager
 
-    loop, register, terminate = vce_api.add_messages_to_queue, vce_api._register_nodes, \
-        BasicActorPool.terminate_all_actors
+    loop, register, terminate, add = vce_api.add_messages_to_queue, vce_api._register_nodes, \
+        BasicActorPool.terminate_all_actors, BasicActorPool.add_actors_to_pool
     with fast_message_pump(True) as pumped, capture_roster(True) as roster, \
-            flower_private.quiet_actor_shutdown() as quiet:
-        assert pumped and quiet and roster is not None
+            flower_private.quiet_actor_shutdown() as quiet, flower_private.warm_actors(True) as warm:
+        assert pumped and quiet and warm and roster is not None
         assert vce_api.add_messages_to_queue is not loop and BasicActorPool.terminate_all_actors is not terminate
+        assert BasicActorPool.add_actors_to_pool is not add
         factory = LinkStateFactory(FLWR_IN_MEMORY_DB_NAME, NoOpFederationManager(), ObjectStoreFactory())
         mapping = vce_api._register_nodes(3, factory)  # what the engine calls: the roster sees its map
         assert roster.wait(0) == mapping and sorted(mapping.values()) == [0, 1, 2]
-    assert (vce_api.add_messages_to_queue, vce_api._register_nodes, BasicActorPool.terminate_all_actors) == \
-        (loop, register, terminate)
+    assert (vce_api.add_messages_to_queue, vce_api._register_nodes, BasicActorPool.terminate_all_actors,
+            BasicActorPool.add_actors_to_pool) == (loop, register, terminate, add)
     assert capsys.readouterr().err == ""
 
 

@@ -15,6 +15,7 @@ import sys
 from typing import Any
 
 import pytest
+from conftest import end_warm_actors
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -118,6 +119,7 @@ def plain_runs(ray_address: str) -> dict[str, dict[str, Any]]:
         runs[VERBATIM] = {"initial": initial, "result": result}
 
     cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the ClientApp is defined here
+    end_warm_actors(ray_address)
     try:
         run_simulation(server_app=server, client_app=plain_client_app(configs), num_supernodes=NUM_NODES,
                        backend_config={"client_resources": RAY_CLIENT_RESOURCES,

@@ -9,7 +9,7 @@ import math
 import statistics
 
 import pytest
-from conftest import load_study_main, load_study_module, study_args
+from conftest import load_study_main, load_study_module, on_shared_ray, study_args
 
 from fedtune.config import compose
 from fedtune.plots import SETUP_LABEL, plot_runs, plot_study, setup_point
@@ -410,7 +410,7 @@ def test_a_tuned_study_refuses_final_runs_of_an_untuned_one(tmp_path, capsys) ->
 
 
 @pytest.mark.simulation
-def test_a_tuning_trial_through_the_cli_scores_the_validation_carve(tmp_path, capsys) -> None:
+def test_a_tuning_trial_through_the_cli_scores_the_validation_carve(tmp_path, capsys, ray_address) -> None:
     """One trial (the default point) as a real ``fedtune run``: it trains on the carved
     training split and scores the validation split, and tuning.json holds its real score
     (the final runs' wiring is the test above; their CLI path is the untuned run's)."""
@@ -418,7 +418,7 @@ def test_a_tuning_trial_through_the_cli_scores_the_validation_carve(tmp_path, ca
 
     argv = ["--stage", "tune", "--out", str(tmp_path), "--trials", "1", "--rounds", "1", "--partitions", "iid",
             "--strategies", "fedavg_lora", "model=tiny", "dataset=tiny", "federation.num_clients=2",
-            "train.local_steps=2"]
+            "train.local_steps=2", *on_shared_ray(ray_address).split()]  # the CLI process reuses the warm actor
     main = load_study_main()
     assert main(argv) == 0
     assert "trial 0: ran" in capsys.readouterr().out

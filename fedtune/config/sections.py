@@ -157,6 +157,7 @@ class RuntimeConfig:
     log_level: str = "WARNING"  # Flower's own logger; fedtune prints one line per round
     fast_message_pump: bool = True  # simulation: O(messages) dispatch, not O(clients × messages)
     node_map: str = "engine"  # simulation: engine (read the engine's node map) | rollcall (ask every node)
+    warm_actors: bool = False  # with ray_address: client actors outlive the run; the next one reuses them
 
     def __post_init__(self) -> None:
         if self.device not in ("auto", "cpu", "cuda"):
@@ -173,6 +174,9 @@ class RuntimeConfig:
             raise ValueError(f"node_map: unknown {self.node_map!r}; accepted: {', '.join(NODE_MAPS)}")
         if self.log_level.upper() not in LOG_LEVELS:
             raise ValueError(f"log_level: unknown {self.log_level!r}; accepted: {', '.join(LOG_LEVELS)}")
+        if self.warm_actors and not self.ray_address:
+            raise ValueError("warm_actors needs runtime.ray_address (a cluster that outlives the run); "
+                             "a local Ray ends with its run")
         if not self.ray_address and self.ray_num_cpus is not None and self.client_num_cpus > self.ray_num_cpus:
             raise ValueError(f"client_num_cpus ({self.client_num_cpus:g}) exceeds runtime.ray_num_cpus "
                              f"({self.ray_num_cpus}): no client could be scheduled")

@@ -25,10 +25,11 @@ from fedtune.privacy.client_level import clip_on_client
 from fedtune.privacy.dp_sgd import with_privacy
 from fedtune.privacy.histories import adopt_history
 from fedtune.runtime.environment import quiet_libraries
-from fedtune.runtime.workspace import LocalDataWorkspace, Workspace
+from fedtune.runtime.workspace import LocalDataWorkspace, Workspace, clear_cache
 from fedtune.trainer import TrainContext
 
 STATE_ARRAYS, STATE_VALUES = "fedtune-client-arrays", "fedtune-client-values"
+_serving: list[int] = []  # the Flower run this process last served
 
 
 @functools.lru_cache(maxsize=4)
@@ -82,6 +83,15 @@ def save_client_state(context: Context, state: dict[str, Any]) -> None:
         context.state[STATE_VALUES] = ConfigRecord(values)
 
 
+def start_of_run(context: Context) -> None:
+    """A process that served another run before (a warm actor, ``runtime.warm_actors``)
+    starts this one as a fresh process would: with nothing cached from the last run."""
+    if _serving != [context.run_id]:
+        if _serving:
+            clear_cache()
+        _serving[:] = [context.run_id]
+
+
 def make_client_app(cfg: dict[str, Any] | None = None) -> ClientApp:
     """A ClientApp for the given resolved config (``None``: read it from the run config)."""
     cfg_json = json.dumps(cfg, sort_keys=True) if cfg is not None else None
@@ -89,6 +99,7 @@ def make_client_app(cfg: dict[str, Any] | None = None) -> ClientApp:
 
     def resolve(context: Context) -> RunConfig:
         quiet_libraries()
+        start_of_run(context)
         if cfg_json is not None:
             return _config_from_json(cfg_json)
         return _config_from_overrides(str(context.run_config.get("overrides", "")))

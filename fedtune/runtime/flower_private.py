@@ -10,6 +10,8 @@ change in any release; each of them is built here and nowhere else:
 * the quiet actor shutdown replaces ``BasicActorPool.terminate_all_actors`` (Flower asks
   each actor to ``exit_actor()`` itself, which Ray reports as a failed, retried task on
   restartable actors);
+* warm actors (``runtime.warm_actors``) replace ``BasicActorPool.add_actors_to_pool`` and
+  ``terminate_all_actors``: the pool's actors are named, detached and left running;
 * the warm SuperExec (:mod:`fedtune.runtime.warm_superexec`) runs Flower's SuperExec loop
   with its own executor and starts task processes with Flower's own arguments;
 * Flower's notice that ``run_simulation`` is deprecated is dropped (fedtune ships ``flwr run`` too).
@@ -47,7 +49,10 @@ ENGINE_NODE_MAP = Feature("engine node map", "the server holds a roll-call: one 
 QUIET_ACTOR_SHUTDOWN = Feature("quiet actor shutdown",
                                "Ray prints '(raylet) Task ClientAppActor.terminate failed' lines at the end")
 WARM_SUPEREXEC = Feature("warm SuperExec", "each app process imports torch again, about 10 CPU s per message")
-FEATURES = (FAST_MESSAGE_PUMP, ENGINE_NODE_MAP, QUIET_ACTOR_SHUTDOWN, WARM_SUPEREXEC)
+WARM_ACTORS = Feature("warm actors", "every run starts its client actors afresh: imports, about 10 CPU s each")
+FEATURES = (FAST_MESSAGE_PUMP, ENGINE_NODE_MAP, QUIET_ACTOR_SHUTDOWN, WARM_SUPEREXEC, WARM_ACTORS)
+WARM_NAMESPACE = "fedtune-warm-actors"
+"""The Ray namespace of the detached client actors that ``runtime.warm_actors`` keeps."""
 
 _told: set[str] = set()  # features whose notice this process has printed
 
@@ -180,6 +185,59 @@ def quiet_actor_shutdown(enabled: bool = True) -> Iterator[bool]:
         yield True
     finally:
         BasicActorPool.terminate_all_actors = original
+
+
+def _shape(resources: dict[str, Any]) -> str:
+    """The part of a warm actor's name that says what it holds: actors of one shape are interchangeable."""
+    return "-".join(f"{k}={resources[k]:g}" for k in sorted(resources))
+
+
+def end_warm_actors(keep: str = "") -> int:
+    """Kill the warm client actors on the connected cluster (those whose name does not start
+    with ``keep``); returns how many.  Ray must be initialised (``ray.init(address=...)``)."""
+    import ray
+
+    ended = 0
+    for entry in ray.util.list_named_actors(all_namespaces=True):
+        if entry["namespace"] == WARM_NAMESPACE and not (keep and entry["name"].startswith(keep)):
+            try:
+                ray.kill(ray.get_actor(entry["name"], namespace=WARM_NAMESPACE), no_restart=True)
+                ended += 1
+            except ValueError:  # ended meanwhile
+                pass
+    return ended
+
+
+@contextmanager
+def warm_actors(enabled: bool) -> Iterator[bool]:
+    """Inside the block, the simulation's client actors outlive the run and the next run
+    reuses them: each is a detached actor named by its resources and its place in the pool
+    (``get_if_exists``), and the pool's end leaves them running.  Actors of another shape
+    are killed first, so idle ones never hold the CPUs a new pool needs.  The actor process
+    keeps its imports; fedtune's per-process cache is emptied when a new run reaches it
+    (:mod:`fedtune.flower.client_app`).  Yields whether in use."""
+    if not enabled or not usable(WARM_ACTORS):
+        yield False
+        return
+    from flwr.simulation.ray_transport.ray_actor import BasicActorPool, ClientAppActor
+
+    add, terminate = BasicActorPool.add_actors_to_pool, BasicActorPool.terminate_all_actors
+
+    def add_actors_to_pool(pool: Any, num_actors: int) -> None:
+        shape = _shape(pool.client_resources)
+        end_warm_actors(keep=f"{shape}#")
+        for index in range(pool.num_actors, pool.num_actors + num_actors):
+            pool.pool.append(ClientAppActor.options(name=f"{shape}#{index}", namespace=WARM_NAMESPACE,
+                                                    lifetime="detached", get_if_exists=True,
+                                                    **pool.client_resources).remote())
+        pool.num_actors += num_actors
+
+    BasicActorPool.add_actors_to_pool = add_actors_to_pool
+    BasicActorPool.terminate_all_actors = lambda pool: None
+    try:
+        yield True
+    finally:
+        BasicActorPool.add_actors_to_pool, BasicActorPool.terminate_all_actors = add, terminate
 
 
 class _DropRunSimulationDeprecation(logging.Filter):

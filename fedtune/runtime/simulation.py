@@ -2,7 +2,9 @@
 
 Ray is capped to this machine (``runtime.ray_num_cpus``, an object store of
 ``runtime.ray_object_store_mb``) or attached to an existing cluster
-(``runtime.ray_address``), and is always shut down afterwards, even on failure.
+(``runtime.ray_address``), and is always shut down afterwards, even on failure; on an
+attached cluster ``runtime.warm_actors`` leaves the client actors running for the next
+run, which then skips their start-up (a process importing torch, transformers and peft).
 When a GPU is present, clients train on it and share it through ``num_gpus``
 fractions (``runtime.client_num_gpus``; default: split evenly among actors).
 """
@@ -16,7 +18,8 @@ from typing import Any
 from fedtune.config.run import RunConfig
 from fedtune.results.store import atomic_write_text
 from fedtune.runtime.environment import quiet_libraries
-from fedtune.runtime.flower_private import drop_run_simulation_deprecation, quiet_actor_shutdown
+from fedtune.runtime.flower_private import (drop_run_simulation_deprecation, end_warm_actors, quiet_actor_shutdown,
+                                              warm_actors)
 from fedtune.runtime.message_pump import fast_message_pump
 from fedtune.runtime.roster import capture_roster
 
@@ -64,6 +67,8 @@ def attach_cluster(cfg: RunConfig) -> dict[str, Any]:
     import ray
 
     ray.init(address=cfg.runtime.ray_address, log_to_driver=True)
+    if not cfg.runtime.warm_actors:  # idle warm actors would hold the CPUs Flower sizes this run's pool from
+        end_warm_actors()
     resources = ray.cluster_resources()
     alive = [n for n in ray.nodes() if n.get("Alive")]
     cpus, gpus = float(resources.get("CPU", 0.0)), float(resources.get("GPU", 0.0))
@@ -114,7 +119,8 @@ def simulate(cfg: RunConfig, out_dir: str | Path, resume: bool = False, sweep: P
             cluster = attach_cluster(cfg)
         drop_run_simulation_deprecation()
         with (fast_message_pump(cfg.runtime.fast_message_pump),
-              capture_roster(cfg.runtime.node_map == "engine") as roster, quiet_actor_shutdown()):
+              capture_roster(cfg.runtime.node_map == "engine") as roster, quiet_actor_shutdown(),
+              warm_actors(cfg.runtime.warm_actors)):
             run_simulation(server_app=make_server_app(cfg, out_dir, resume, roster, sweep),
                            client_app=make_client_app(cfg.to_dict()),
                            num_supernodes=cfg.federation.num_clients, backend_config=backend_config(cfg))
