@@ -34,6 +34,13 @@ def overrides(name: str, model_dir: Path, data_file: Path, quick: tuple[str, ...
             "runtime.device=cpu", "seed=0", f"strategy={name}", *quick]
 
 
+def write_inputs(folder: Path) -> tuple[Path, Path]:
+    """A tiny random Llama checkpoint and a 32-example Alpaca JSON Lines file, written into ``folder``."""
+    from hf_testing import save_tiny_model, write_dataset
+
+    return save_tiny_model(folder / "llama", "llama"), write_dataset(folder / "alpaca.jsonl", "alpaca", n=32)
+
+
 def check(name: str, args: list[str], out: Path) -> dict:
     from fedtune.config import compose
     from fedtune.runtime.simulation import simulate
@@ -62,15 +69,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--methods", nargs="+", default=METHODS.names(), choices=METHODS.names())
     args = parser.parse_args(argv)
 
-    from hf_testing import save_tiny_model, write_dataset
-
     from fedtune.results.store import atomic_write_text
 
     args.out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="fedtune-every-method-") as tmp, \
             tempfile.TemporaryDirectory(prefix="fedtune-every-method-runs-") as runs:
-        model_dir = save_tiny_model(Path(tmp) / "llama", "llama")
-        data_file = write_dataset(Path(tmp) / "alpaca.jsonl", "alpaca", n=32)
+        model_dir, data_file = write_inputs(Path(tmp))
         results = {name: check(name, overrides(name, model_dir, data_file, METHODS.get(name).quick), Path(runs))
                    for name in args.methods}
     atomic_write_text(args.out / "every_method_hf.json", json.dumps(results, indent=2))

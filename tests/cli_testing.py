@@ -13,10 +13,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 
 
-def fedtune_run(args: list[str], cwd: Path | None = None, subprocess_: bool = False) -> subprocess.CompletedProcess:
+def fedtune_run(args: list[str], cwd: Path | None = None, child: bool = False) -> subprocess.CompletedProcess:
     """``fedtune run ARGS``: its exit status, stdout and stderr.  In process, an exception that
-    escapes the CLI is raised here (a child would print it as a traceback)."""
-    if subprocess_:
+    escapes the CLI is raised here (a ``child`` process would print it as a traceback)."""
+    if child:
         env = {**os.environ, "PYTHONPATH": str(REPO)}
         return subprocess.run([sys.executable, "-m", "fedtune.cli", "run", *args], cwd=cwd, env=env,
                               capture_output=True, text=True, timeout=300)

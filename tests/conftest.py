@@ -71,15 +71,20 @@ def without_control(run_dir: Path) -> list[dict[str, str]]:
     return rows
 
 
-def load_study_module():  # type: ignore[no-untyped-def]
-    """``simulations/study.py`` as a module (a script, not a package)."""
+def load_script(name: str):  # type: ignore[no-untyped-def]
+    """``simulations/<name>.py`` as a module (a script, not a package)."""
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("study_script", Path(__file__).resolve().parent.parent
-                                                  / "simulations" / "study.py")
+    spec = importlib.util.spec_from_file_location(f"{name}_script", Path(__file__).resolve().parent.parent
+                                                  / "simulations" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def load_study_module():  # type: ignore[no-untyped-def]
+    """``simulations/study.py`` as a module."""
+    return load_script("study")
 
 
 def load_study_main():  # type: ignore[no-untyped-def]

@@ -15,13 +15,12 @@ also runs alone and writes a table.
 """
 
 import csv
-import importlib.util
 import json
 from pathlib import Path
 from types import ModuleType
 
 import pytest
-from conftest import SIMULATION_OVERRIDES, on_shared_ray
+from conftest import SIMULATION_OVERRIDES, load_script, on_shared_ray
 
 from fedtune.config import compose
 from fedtune.data.sources import TINY_FILE
@@ -49,20 +48,13 @@ def tiny_bert(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def every_method_hf() -> ModuleType:
-    """``simulations/every_method_hf.py`` as a module (a script, not a package)."""
-    path = Path(__file__).resolve().parent.parent / "simulations" / "every_method_hf.py"
-    spec = importlib.util.spec_from_file_location("every_method_hf", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("every_method_hf")
 
 
 @pytest.fixture(scope="module")
-def llama_and_alpaca(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    from hf_testing import save_tiny_model, write_dataset
-
-    root = tmp_path_factory.mktemp("every_method_hf")
-    return save_tiny_model(root / "llama", "llama"), write_dataset(root / "alpaca.jsonl", "alpaca", n=32)
+def llama_and_alpaca(tmp_path_factory: pytest.TempPathFactory, every_method_hf: ModuleType) -> tuple[Path, Path]:
+    """The script's own inputs: its tiny Llama checkpoint and Alpaca file."""
+    return every_method_hf.write_inputs(tmp_path_factory.mktemp("every_method_hf"))
 
 
 def _overrides(name: str, tiny_bert: Path, ray_address: str = "") -> list[str]:
@@ -101,7 +93,6 @@ def test_method_runs_end_to_end_and_learns(name: str, tmp_path: Path, request: p
         model = load(MODELS.get(cfg.model.name).build(cfg.model, ws.data.num_labels, cfg.seed), run_dir / "adapter")
         _, acc = evaluate(model, ws.encoded("test"), 64, ws.device)
         assert acc == pytest.approx(summary_file["final_accuracy"], abs=5e-7)
-
 
 
 @pytest.mark.parametrize("name", METHODS.names())

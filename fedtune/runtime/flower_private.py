@@ -188,18 +188,18 @@ def quiet_actor_shutdown(enabled: bool = True) -> Iterator[bool]:
 
 
 def _shape(resources: dict[str, Any]) -> str:
-    """The part of a warm actor's name that says what it holds: actors of one shape are interchangeable."""
+    """What a warm actor holds (its name before ``#``): actors of one shape are interchangeable."""
     return "-".join(f"{k}={resources[k]:g}" for k in sorted(resources))
 
 
-def end_warm_actors(keep: str = "") -> int:
-    """Kill the warm client actors on the connected cluster (those whose name does not start
-    with ``keep``); returns how many.  Ray must be initialised (``ray.init(address=...)``)."""
+def end_warm_actors(keep_shape: str = "") -> int:
+    """Kill the warm client actors on the connected cluster (but those of ``keep_shape``);
+    returns how many.  Ray must be initialised (``ray.init(address=...)``)."""
     import ray
 
     ended = 0
     for entry in ray.util.list_named_actors(all_namespaces=True):
-        if entry["namespace"] == WARM_NAMESPACE and not (keep and entry["name"].startswith(keep)):
+        if entry["namespace"] == WARM_NAMESPACE and not (keep_shape and entry["name"].startswith(f"{keep_shape}#")):
             try:
                 ray.kill(ray.get_actor(entry["name"], namespace=WARM_NAMESPACE), no_restart=True)
                 ended += 1
@@ -225,7 +225,7 @@ def warm_actors(enabled: bool) -> Iterator[bool]:
 
     def add_actors_to_pool(pool: Any, num_actors: int) -> None:
         shape = _shape(pool.client_resources)
-        end_warm_actors(keep=f"{shape}#")
+        end_warm_actors(keep_shape=shape)
         for index in range(pool.num_actors, pool.num_actors + num_actors):
             pool.pool.append(ClientAppActor.options(name=f"{shape}#{index}", namespace=WARM_NAMESPACE,
                                                     lifetime="detached", get_if_exists=True,
