@@ -122,7 +122,8 @@ def register_method(name: str, strategy_cls: type, trainer: str, config_cls: typ
 _LOADED = False
 _ENTRY_POINTS: set[str] = set()
 BUILTIN = ("fedtune.models.zoo", "fedtune.models.causal_lm", "fedtune.models.hf", "fedtune.data.sources",
-           "fedtune.data.instruct", "fedtune.data.hf_dataset", "fedtune.privacy.options", "fedtune.privacy.dp_sgd",
+           "fedtune.data.instruct", "fedtune.data.hf_dataset", "fedtune.data.file_presets",
+           "fedtune.privacy.options", "fedtune.privacy.dp_sgd",
            "fedtune.privacy.client_level", "fedtune.tracking.options")
 PACKAGES = ("clients", "strategies")
 

@@ -1,6 +1,6 @@
 """The tuned communication–accuracy study: every strategy × partitions, tuned, then seeds, one command.
 
-Two benchmarks (``--benchmark``):
+Three benchmarks (``--benchmark``):
 
 * ``bbc`` (default): MiniLM + LoRA on BBC News topic classification, partitions ``dir0.1``
   ``dir0.5`` ``iid``, 10 clients, 20 rounds; scored by accuracy.  Out: ``simulations/results/study``.
@@ -9,6 +9,9 @@ Two benchmarks (``--benchmark``):
   written offline from the packaged corpus into ``OUT/data/``), one topic per client and
   ``tech`` held out; scored by Rouge-L of greedy answers, on seen and held-out topics.
   Settings scaled to 2 CPU cores (simulations/README.md).  Out: ``simulations/results/study_instruct``.
+* ``dp``: the ``bbc`` benchmark's Dir(0.5) clients under example-level DP-SGD at ε = 1 and 3
+  (a "partition" per ε): FedAvg-LoRA, FFA-LoRA and Fed-SB with its server-side init, each
+  tuned under DP.  Out: ``simulations/results/study_dp``.
 
 Stages (``--stage``, default ``all``, per partition × strategy: tune, then the final runs):
 
@@ -192,7 +195,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--stage", choices=["all", "tune", "final", "untuned"], default="all")
     p.add_argument("--out", type=Path, default=None, help="default: the benchmark's (simulations/results/study...)")
     p.add_argument("--strategies", nargs="+", default=None,
-                   help=f"default: every registered strategy; variants: {', '.join(VARIANTS)}")
+                   help=f"default: the benchmark's (bbc, instruct: every registered strategy); "
+                        f"variants: {', '.join(VARIANTS)}")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="the final runs' seeds")
     p.add_argument("--partitions", nargs="+", default=None, help="default: every partition of the benchmark")
     p.add_argument("--rounds", type=int, default=None, help="default: the benchmark's")
@@ -214,7 +218,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args = p.parse_args(options)
     args.overrides = [*args.overrides, *overrides]
     bench = BENCHMARKS[args.benchmark]
-    args.strategies = args.strategies or METHODS.names()
+    args.strategies = args.strategies or list(bench.strategies) or METHODS.names()
     args.partitions = args.partitions or list(bench.partitions)
     accepted = [*METHODS.names(), *VARIANTS]
     unknown = sorted(set(args.strategies) - set(accepted))

@@ -41,6 +41,13 @@ MINILM_STRATEGY_OVERRIDES = {
     "fedkseed": ["strategy.num_seeds=1024", "strategy.lr=1e-4"],
     "fedkseed_pro": ["strategy.num_seeds=1024", "strategy.lr=1e-4"],
 }
+# The private benchmark: the bbc benchmark's Dir(0.5) clients under DP-SGD (privacy=dp_sgd: each
+# client's sigma calibrated to spend exactly the target epsilon over its planned steps), one
+# "partition" per epsilon.  Fed-SB runs with its server-side init (nothing un-noised leaves a
+# client; the paper's public-data init), FFA-LoRA as the other DP-minded LoRA variant.
+DP_PARTITIONS = {f"dir0.5-eps{e}": [*PARTITIONS["dir0.5"], "privacy=dp_sgd", f"privacy.target_epsilon={e}"]
+                 for e in (1, 3)}
+DP_STRATEGIES = ("fedavg_lora", "ffa_lora", "fed_sb_server")
 HEADLINES_FILE = "data/bbc_headlines.jsonl"
 # The instruction benchmark, scaled to 2 CPU cores (simulations/README.md): one seen topic per
 # client and 'tech' held out; prompts of 96 tokens (an article's first 30 words), 4 local steps of
@@ -109,6 +116,7 @@ class Benchmark:
     per_strategy: Callable[[str, list[str]], list[str]]
     prepare: Callable[[Path], None] = lambda out: None
     trial_eval_last_only: bool = False  # a trial scores round 0 and its last only (generation is costly)
+    strategies: tuple[str, ...] = ()  # the default --strategies (empty: every registered method)
 
 
 BENCHMARKS = {
@@ -119,6 +127,9 @@ BENCHMARKS = {
         "rouge_l", 0.25, "SmolLM2-135M-Instruct, BBC headlines, one topic per client, tech held out",
         lambda out: [*INSTRUCT_OVERRIDES, f"dataset.path={(out / HEADLINES_FILE).resolve()}"],
         lambda strategy, extra: INSTRUCT_STRATEGY_OVERRIDES.get(strategy, []), write_headlines, True),
+    "dp": Benchmark(DP_PARTITIONS, "simulations/results/study_dp", 20, "eval_accuracy", 0.5,
+                    "MiniLM + BBC News under example-level DP-SGD, Dir(0.5), tuned per method and ε",
+                    lambda out: [], strategy_overrides, strategies=DP_STRATEGIES),
 }
 
 

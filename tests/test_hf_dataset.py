@@ -3,6 +3,8 @@ the truncation policy, and bad input as one line before Ray (in-process, offline
 
 from __future__ import annotations
 
+import csv
+import json
 from pathlib import Path
 
 import pytest
@@ -50,16 +52,50 @@ def test_every_format_and_file_kind_loads_the_same_examples(fmt: str, kind: str,
 
 
 @pytest.mark.parametrize("builtin", ["csv", "tiny"])
-def test_text_label_splits_exactly_as_dataset_csv_and_tiny(builtin: str, data_files: Path) -> None:
-    """The text_label path is dataset=csv's (and dataset=tiny's, on its shipped file): the same
-    seeded stratified split, example for example."""
+def test_dataset_csv_and_tiny_are_presets_of_dataset_hf(builtin: str, data_files: Path) -> None:
+    """``dataset=csv`` / ``dataset=tiny`` are dataset=hf's text_label with other defaults: the same
+    config fields and the same examples as dataset=hf on the same file."""
+    from fedtune.data.hf_dataset import HFDatasetConfig
     from fedtune.data.sources import TINY_FILE
 
     path = data_path(data_files, "text_label", ".csv") if builtin == "csv" else TINY_FILE
-    ours = Workspace(hf_config(None, path, "text_label", "dataset.max_train_examples=30")).data
     where = f"dataset.path={path}" if builtin == "csv" else ""
-    theirs = Workspace(compose(f"model=tiny dataset={builtin} {where} dataset.max_train_examples=30")).data
+    cfg = compose(f"model=tiny dataset={builtin} {where} dataset.max_train_examples=30")
+    assert isinstance(cfg.dataset, HFDatasetConfig) and cfg.dataset.format == "text_label"
+    theirs = Workspace(cfg).data
+    ours = Workspace(hf_config(None, path, "text_label", "dataset.max_train_examples=30")).data
     assert (ours.train, ours.test, ours.label_names) == (theirs.train, theirs.test, theirs.label_names)
+    with pytest.raises(ConfigError, match=rf"^dataset.format: .*dataset={builtin} is a classification file"):
+        compose(f"model=tiny dataset={builtin} {where} dataset.format=alpaca")
+
+
+def test_a_split_column_fixes_the_split(tmp_path: Path) -> None:
+    """dataset=csv reads a ``split`` column's train / test marks instead of carving; a value
+    other than those is a one-line error naming the field."""
+    rows = [{"text": f"{t} words {i}", "label": t, "split": "test" if i % 4 == 0 else "train"}
+            for i, t in enumerate(["sport", "food"] * 10)]
+    path = tmp_path / "marked.csv"
+    with open(path, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=["text", "label", "split"])
+        writer.writeheader()
+        writer.writerows(rows)
+    data = Workspace(compose(f"model=tiny dataset=csv dataset.path={path} federation.num_clients=2")).data
+    assert sorted(data.test.texts) == sorted(r["text"] for r in rows if r["split"] == "test")
+    assert sorted(data.train.texts) == sorted(r["text"] for r in rows if r["split"] == "train")
+    bad = tmp_path / "bad.csv"
+    bad.write_text(path.read_text().replace(",test", ",dev", 1))
+    with pytest.raises(ConfigError, match=r"^dataset.split_column: column 'split' of .* holds 'dev'; accepted values: "
+                                          r"train, test$"):
+        Workspace(compose(f"model=tiny dataset=csv dataset.path={bad} federation.num_clients=2")).data
+
+
+def test_csv_cells_are_read_as_the_text_they_hold(tmp_path: Path) -> None:
+    """Labels ``01`` and ``1`` stay two labels, and the text ``NA`` stays text (pandas' inference would not)."""
+    path = tmp_path / "typed.csv"
+    path.write_text("text,label\n" + "".join(f"{t},{y}\n" for t, y in [("NA", "01"), ("one", "1")] * 10))
+    data = Workspace(compose(f"model=tiny dataset=csv dataset.path={path} federation.num_clients=2")).data
+    assert data.label_names == ["01", "1"]
+    assert sorted(set(data.train.texts + data.test.texts)) == ["NA", "one"]
 
 
 def test_validation_split_is_carved_from_train_and_never_the_test_split(data_files: Path, tiny_llama: Path) -> None:
@@ -81,10 +117,10 @@ def test_a_builtin_dataset_carves_validation_from_train_and_zero_changes_nothing
     the training split only, the test split untouched, and eval.split=validation scores it."""
     import numpy as np
 
-    from fedtune.data.sources import TINY_FILE, _read_rows, read_bbc_news, stratified_split
+    from fedtune.data.sources import TINY_FILE, read_bbc_news, stratified_split
 
     if name == "tiny":
-        rows = _read_rows(TINY_FILE)
+        rows = [json.loads(line) for line in TINY_FILE.read_text().splitlines()]
         names = sorted({r["label"] for r in rows})
         texts, labels = [r["text"] for r in rows], [names.index(r["label"]) for r in rows]
     else:

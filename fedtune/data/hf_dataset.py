@@ -16,8 +16,9 @@ columns present.
 Splits: ``dataset.split`` (default ``train``) trains; ``dataset.test_split`` tests, or, when
 it is empty, a seeded split stratified by category (by label for ``text_label``) carves
 ``test_fraction`` of it; ``validation_fraction`` of what is left is carved the same way
-for tuning (``eval.split=validation``), so a study never scores on the test split.  The
-text_label path splits exactly as ``dataset=csv`` does (same seed, same examples).
+for tuning (``eval.split=validation``), so a study never scores on the test split.  Or
+``dataset.split_column`` names a column whose ``train`` / ``test`` values fix each row's
+split (used when the column exists; ``dataset=csv`` reads a ``split`` column this way).
 """
 
 from __future__ import annotations
@@ -67,6 +68,8 @@ class HFDatasetConfig(PackagedDatasetConfig):
     heldout : category values no client gets, evaluated apart (generative formats).
     system_prompt : a system message put before every prompt ("" = none).
     max_response_tokens : a response's token cap, EOS included (:mod:`fedtune.data.prompt_encoding`).
+    split_column : a column of ``train`` / ``test`` values that fixes the split when it exists
+        (with no ``test_split``); "" = none.
     """
 
     name: str = "hf"
@@ -79,6 +82,7 @@ class HFDatasetConfig(PackagedDatasetConfig):
     heldout: list[str] = field(default_factory=list)
     system_prompt: str = ""
     max_response_tokens: int = 128
+    split_column: str = ""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -86,6 +90,9 @@ class HFDatasetConfig(PackagedDatasetConfig):
             raise ValueError(f"format: unknown {self.format!r}; accepted: {', '.join(FORMAT_FIELDS)}")
         if self.max_response_tokens < 1:
             raise ValueError(f"max_response_tokens must be >= 1, got {self.max_response_tokens}")
+        if self.split_column and self.test_split:
+            raise ValueError(f"split_column: {self.split_column!r} and test_split: {self.test_split!r} both fix "
+                             "the test split; set one")
         if self.heldout and self.format == "text_label":
             raise ValueError(f"heldout: only for the generative formats ({', '.join(GENERATIVE)}); "
                              "a classifier cannot be scored on labels it never trained on")
@@ -163,9 +170,17 @@ def _scalar_columns(table: Any, idx: list[int]) -> dict[str, list[Any]]:
     return out
 
 
-def _carve(strata: list[int], n_train: int | None, cfg: HFDatasetConfig) -> tuple[list[int], list[int], list[int]]:
-    """(train, validation, test) indices: the named test split (rows ``n_train:``) or a carved one."""
+def _carve(strata: list[int], n_train: int | None, cfg: HFDatasetConfig,
+           table: Any) -> tuple[list[int], list[int], list[int]]:
+    """(train, validation, test) indices: the named test split (rows ``n_train:``), the rows a
+    ``split_column`` marks, or a carved one."""
     fixed = None if n_train is None else (list(range(n_train)), list(range(n_train, len(strata))))
+    if cfg.split_column and cfg.split_column in table.column_names:
+        marks = [_text(v) for v in table[cfg.split_column]]
+        if bad := sorted(set(marks) - {"train", "test"}):
+            raise ConfigError(f"dataset.split_column: column {cfg.split_column!r} of {cfg.path} holds {bad[0]!r}; "
+                              "accepted values: train, test")
+        fixed = ([i for i, m in enumerate(marks) if m == "train"], [i for i, m in enumerate(marks) if m == "test"])
     return carve(strata, cfg, fixed)
 
 
@@ -174,7 +189,7 @@ def _tables(cfg: HFDatasetConfig) -> tuple[Any, int | None]:
     import datasets
 
     if not cfg.path:
-        raise ConfigError("dataset.path is required for dataset=hf: a .json/.jsonl/.csv/.parquet file, "
+        raise ConfigError(f"dataset.path is required for dataset={cfg.name}: a .json/.jsonl/.csv/.parquet file, "
                           "a save_to_disk folder, or a hub dataset id")
     splits = read_splits(cfg.path, cfg.revision)
     train = pick_split(splits, cfg.split, "dataset.split")
@@ -201,7 +216,7 @@ def load_hf(cfg: HFDatasetConfig) -> TextDataset | GenerativeDataset:
                           f"values: {', '.join(n or repr(n) for n in names)}")
     index = {n: i for i, n in enumerate(names)}
     rows.labels = [index[c] for c in rows.categories]
-    train, validation, test = _carve(rows.labels, n_train, cfg)
+    train, validation, test = _carve(rows.labels, n_train, cfg, table)
     held = set(cfg.heldout)
     train = cap([i for i in train if rows.categories[i] not in held], cfg)
 
@@ -222,7 +237,7 @@ def _text_label(cfg: HFDatasetConfig, table: Any, cols: dict[str, str], n_train:
     names = sorted(set(raw))
     index = {n: i for i, n in enumerate(names)}
     labels = [index[v] for v in raw]
-    train, validation, test = _carve(labels, n_train, cfg)
+    train, validation, test = _carve(labels, n_train, cfg, table)
     train = cap(train, cfg)
     pick = lambda idx: Split([texts[i] for i in idx], [labels[i] for i in idx])  # noqa: E731
     return TextDataset(pick(train), pick(test), names, validation=pick(validation),

@@ -1,7 +1,7 @@
 """Read ``dataset.path`` with the ``datasets`` library: local files, a folder, or a hub id.
 
 ``.json`` / ``.jsonl`` / ``.csv`` / ``.parquet`` files go through ``datasets``' packaged
-builders of those names; a folder written by ``save_to_disk`` through ``load_from_disk``;
+builders of those names (a CSV's cells read as the text they hold); a folder written by ``save_to_disk`` through ``load_from_disk``;
 any other folder through ``load_dataset(folder)`` (which infers the builder from its
 files); anything else is taken for a hub id.  Every failure a user can cause (a path
 that does not exist, a hub id while the hub is unreachable or ``HF_DATASETS_OFFLINE=1``,
@@ -11,6 +11,7 @@ a split that is not there) is a one-line :class:`~fedtune.errors.ConfigError` na
 
 from __future__ import annotations
 
+import csv
 import os
 import re
 from pathlib import Path
@@ -42,7 +43,8 @@ def read_splits(path: str, revision: str = "") -> dict[str, Any]:
         if builder is None:
             raise ConfigError(f"dataset.path: {local} is not a data file this reads; accepted: "
                               f"{', '.join(FILE_BUILDERS)} files or a folder")
-        return _as_dict(_load(lambda: datasets.load_dataset(builder, data_files=str(local)), local))
+        options = _csv_as_text(local) if builder == "csv" else {}
+        return _as_dict(_load(lambda: datasets.load_dataset(builder, data_files=str(local), **options), local))
     if local.is_dir():
         if (local / "dataset_info.json").is_file() or (local / "dataset_dict.json").is_file():
             return _as_dict(_load(lambda: datasets.load_from_disk(str(local)), local))
@@ -60,6 +62,17 @@ def read_splits(path: str, revision: str = "") -> dict[str, Any]:
     except Exception as exc:  # noqa: BLE001  (datasets raises its own DatasetNotFoundError etc.)
         raise ConfigError(f"dataset.path: {path!r} is not a local file or folder, nor a hub dataset "
                           f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
+
+
+def _csv_as_text(path: Path) -> dict[str, Any]:
+    """Read every CSV cell as the text it holds: pandas would turn labels ``01`` into ``1``,
+    a label column with a gap into floats (``1.0``) and the text ``NA`` into a missing value."""
+    import datasets
+
+    with open(path, newline="", encoding="utf-8") as fh:
+        header = next(csv.reader(fh), [])
+    return {"features": datasets.Features({name: datasets.Value("string") for name in header}),
+            "keep_default_na": False}
 
 
 def _load(read: Any, where: Path) -> Any:

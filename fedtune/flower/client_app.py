@@ -52,7 +52,7 @@ def partition_id_of(context: Context) -> int:
 def workspace_for(cfg: RunConfig, context: Context) -> Workspace:
     """The node's workspace: a partition of the named dataset, or, when the SuperNode was
     started with ``--node-config "... data-path=/its/file.csv"``, its own local file
-    (``dataset=csv`` format: ``text,label[,split]``) in place of ``dataset.path``."""
+    (``dataset=csv``'s format: columns ``text``, ``label`` and optionally ``split``) in place of ``dataset.path``."""
     path = context.node_config.get("data-path")
     if not path:
         return Workspace(cfg)
