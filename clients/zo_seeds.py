@@ -74,6 +74,21 @@ class SeededTrainer:
         """The tuned parameters as built (flat, CPU fp32), before any round."""
         return self._flat[model][1]
 
+    def zo_loss(self, model: torch.nn.Module, workspace: Any, ctx: TrainContext, steps: int,
+                batch_size: int) -> Callable[[torch.Tensor, int], float]:
+        """``loss_at(vector, t)``: the loss with the tuned parameters set to ``vector``, on step
+        t's batch of the client's seeded batch stream (what a two-point ZO step evaluates)."""
+        batch_gen = torch_generator(workspace.cfg.seed, "batches", ctx.server_round, ctx.partition_id)
+        batches = list(local_batches(workspace.partitions()[ctx.partition_id], steps, batch_size, batch_gen))
+        encoded, flat = workspace.encoded("train"), self.flat(model)
+
+        @torch.no_grad()
+        def loss_at(vector: torch.Tensor, t: int) -> float:
+            flat.copy_(vector)
+            return float(model(**encoded.batch(batches[t], ctx.device)).loss)
+
+        return loss_at
+
     def replica(self, model: torch.nn.Module, apply: Callable[[torch.Tensor, torch.Tensor], None]) -> SeedReplica:
         """This process's replica of the global model (θ0 = the freshly built model)."""
         if model not in self._replicas:
@@ -102,16 +117,7 @@ class ZOSeedsTrainer(SeededTrainer):
         gen = torch_generator(cfg.seed, "zo-seeds", ctx.server_round, ctx.partition_id)
         probs = arrays.get("probabilities", torch.full((sc.num_seeds,), 1.0 / sc.num_seeds))
         indices = torch.multinomial(probs.double(), sc.local_steps, replacement=True, generator=gen)
-        batch_gen = torch_generator(cfg.seed, "batches", ctx.server_round, ctx.partition_id)
-        batches = list(local_batches(workspace.partitions()[ctx.partition_id], sc.local_steps, sc.batch_size,
-                                     batch_gen))
-        encoded, flat = workspace.encoded("train"), self.flat(model)
-
-        @torch.no_grad()
-        def loss_at(vector: torch.Tensor, t: int) -> float:
-            flat.copy_(vector)
-            return float(model(**encoded.batch(batches[t], ctx.device)).loss)
-
+        loss_at, flat = self.zo_loss(model, workspace, ctx, sc.local_steps, sc.batch_size), self.flat(model)
         model.eval()
         theta = replica.theta.to(flat.device, copy=True)
         lr = train_lr(cfg, ctx.server_round, sc.lr)  # η_r: the server scales this round's sums by η_r/η

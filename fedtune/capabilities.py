@@ -78,6 +78,10 @@ class Capabilities:
     sum_only : the aggregate is a function of ``Σ_k p_k·upload_k`` taken key by key (so
         it could run under secure aggregation), with the conditions under which it is.
     identical_updates_fixed_point : identical client uploads aggregate to that upload.
+    sender_bound_directions : an upload means something only with its sender's identity
+        (one-byte ZO: its codes multiply directions seeded by the sender's id), so identical
+        uploads from two clients are two different updates; the aggregate is then the
+        p_k-weighted sum of what each upload would move the model by alone.
     lr_schedule : it follows ``train.lr_schedule`` across rounds (:mod:`fedtune.schedule`).
     warmup : it follows ``train.warmup_steps`` within a round.
     step_size : the config field the schedule starts from, the method's step size
@@ -92,6 +96,7 @@ class Capabilities:
     setup_on_client_data: str | Callable[[Any], str] = ""
     sum_only: Support = undeclared("that its aggregate needs only the weighted sum of the uploads")
     identical_updates_fixed_point: bool = False
+    sender_bound_directions: bool = False
     lr_schedule: Support = undeclared("that its step size follows train.lr_schedule")
     warmup: Support = undeclared("that its local steps follow train.warmup_steps")
     step_size: str = "train.lr"

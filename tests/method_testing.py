@@ -218,6 +218,15 @@ def check_identical_updates(run: Run) -> None:
     together = restored(run.spec, run.cfg, run.initial, rnd.state_before).aggregate(r, copies)
     alone = restored(run.spec, run.cfg, run.initial, rnd.state_before).aggregate(r, copies[:1])
     assert list(together) == list(alone)
+    if run.spec.capabilities.sender_bound_directions:  # Σ_k p_k (alone_k − θ), not alone_1
+        before = restored(run.spec, run.cfg, run.initial, rnd.state_before).global_arrays
+        weights = weights_for(copies, run.strategy.weighting)
+        each = [restored(run.spec, run.cfg, run.initial, rnd.state_before).aggregate(r, [c]) for c in copies]
+        for k in together:
+            moved = sum(w * (e[k] - before[k]) for w, e in zip(weights, each))
+            torch.testing.assert_close(together[k] - before[k], moved, rtol=1e-4, atol=1e-6)
+        assert any(not torch.equal(together[k], alone[k]) for k in together)
+        return
     for k in together:
         torch.testing.assert_close(together[k], alone[k], rtol=1e-5, atol=1e-6)
     if run.spec.capabilities.identical_updates_fixed_point:

@@ -11,7 +11,7 @@ import torch
 
 from fedtune.errors import PayloadError
 
-_INDEX_DTYPES = (torch.int16, torch.int32, torch.int64)
+_INDEX_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64)  # seed indices, quantised codes
 
 
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -32,7 +32,7 @@ def load_trainable_state(model: torch.nn.Module, arrays: dict[str, torch.Tensor]
 def check_arrays(arrays: dict[str, torch.Tensor], expected: dict[str, tuple[int, ...]],
                  dtypes: dict[str, torch.dtype] | None = None) -> None:
     """Raise :class:`PayloadError` unless ``arrays`` has exactly the expected keys and
-    shapes, a floating (or integer: seed indices) dtype and only finite values.  An
+    shapes, a floating (or integer: seed indices, quantised codes) dtype and only finite values.  An
     expected dimension of ``-1`` accepts any length (variable-size sparse uploads).
 
     With ``dtypes`` (a client's upload, checked by the server) the dtype is strict: a key
