@@ -276,8 +276,9 @@ def test_every_method_declares_its_space_on_its_own_config() -> None:
 
 
 def test_trials_keep_an_equal_budget_and_the_default_point_and_are_seeded() -> None:
-    spaces = {s.name: resolve_space(s.tuning, {k: 1e-3 if k.endswith("lr") else {"strategy.rank": 32,
-              "strategy.num_seeds": 200, "strategy.lam": 0.01}[k] for k in s.tuning}) for s in METHODS.values()}
+    base = {"strategy.rank": 32, "strategy.num_seeds": 200, "strategy.lam": 0.01, "strategy.eps": 1e-3}
+    spaces = {s.name: resolve_space(s.tuning, {k: 1e-3 if k.endswith("lr") else base[k] for k in s.tuning})
+              for s in METHODS.values()}
     for budget in (1, 3, 6, 20):
         for name, values in spaces.items():
             points = select_trials(values, budget, 100, name)
