@@ -22,6 +22,7 @@ class TrainContext:
     partition_id: int
     device: torch.device
     state: dict[str, Any] = field(default_factory=dict)  # persists across rounds (Flower Context.state)
+    config: dict[str, Any] = field(default_factory=dict)  # the message's ConfigRecord (e.g. a step's phase)
 
 
 class ClientTrainer(Protocol):
@@ -33,4 +34,6 @@ class ClientTrainer(Protocol):
         """Start from ``arrays``, train locally, return the upload and metrics (``num-examples``...)."""
 
     # Optional: ``setup(model, arrays, workspace, ctx) -> (upload, metrics)`` serves the
-    # strategy's one-time ``"train.setup"`` messages (see FedtuneStrategy.setup).
+    # strategy's one-time ``"train.setup"`` messages (see FedtuneStrategy.setup), and
+    # ``step(...)`` the ``"train.step"`` messages of a round that is an exchange of several
+    # messages (split learning's per-batch activations; ``ctx.config`` says which).

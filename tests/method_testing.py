@@ -189,11 +189,15 @@ def check_spec(spec: MethodSpec) -> None:
 
 
 def check_payload_bytes(run: Run) -> None:
-    """Every train message's payload, as the ledger counts it, is the method's formula."""
+    """Each client's train payload in a round (summed over its train messages, e.g. SFPrompt's
+    begin and upload), as the ledger counts it, is the method's formula."""
     for r, rnd in run.rounds.items():
         records = [rec for rec in run.strategy.ledger.records if rec.server_round == r and rec.kind == "train"]
-        down = {rec.partition_id: rec.payload_bytes for rec in records if rec.direction == "down"}
-        up = {rec.partition_id: rec.payload_bytes for rec in records if rec.direction == "up"}
+        down: dict[int, int] = {}
+        up: dict[int, int] = {}
+        for rec in records:
+            side = down if rec.direction == "down" else up
+            side[rec.partition_id] = side.get(rec.partition_id, 0) + rec.payload_bytes
         assert sorted(down) == sorted(up) == sorted(rnd.expected_bytes), (r, down, up)
         for pid, (want_down, want_up) in rnd.expected_bytes.items():
             assert (down[pid], up[pid]) == (want_down, want_up), (run.spec.name, r, pid)

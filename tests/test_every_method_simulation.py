@@ -84,7 +84,11 @@ def test_method_runs_end_to_end_and_learns(name: str, tmp_path: Path, request: p
     assert float(rows[-1]["eval_loss"]) < float(rows[0]["eval_loss"]), rows
     with open(run_dir / "ledger.csv", newline="") as fh:
         train_up = [r for r in csv.DictReader(fh) if r["kind"] == "train" and r["direction"] == "up"]
-    assert len(train_up) == clients * rounds and all(int(r["payload_bytes"]) > 0 for r in train_up)
+    uploaded: dict[tuple[str, str], int] = {}  # (round, client) -> train payload up, over its messages
+    for r in train_up:
+        key = (r["server_round"], r["partition_id"])
+        uploaded[key] = uploaded.get(key, 0) + int(r["payload_bytes"])
+    assert len(uploaded) == clients * rounds and all(n > 0 for n in uploaded.values())
     summary_file = json.loads((run_dir / "summary.json").read_text())
     assert summary_file["strategy"] == name
     load = METHODS.get(name).export.load

@@ -55,7 +55,8 @@ def _needs(name: str) -> tuple[str, ...]:
 def _config(name: str) -> RunConfig:
     fields = {f.name for f in dataclasses.fields(METHODS.get(name).config_cls)}
     quick = " ".join(f"strategy.{k}={v}" for k, v in QUICK.items() if k in fields)
-    cfg = compose(f"{BASE} strategy={name} {quick}")
+    model = " ".join(o for o in METHODS.get(name).quick if o.startswith("model."))  # e.g. room for prompts
+    cfg = compose(f"{BASE} strategy={name} {quick} {model}")
     assert cfg.federation.clients_per_round == PER_ROUND
     return cfg
 

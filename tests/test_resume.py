@@ -39,7 +39,8 @@ from fedtune.runtime.workspace import Workspace
 
 TINY = "model=tiny dataset=tiny federation.num_clients=4"
 METHOD_OVERRIDES = {"fedkseed": "strategy.num_seeds=64 strategy.local_steps=20",
-                    "fedkseed_pro": "strategy.num_seeds=64 strategy.local_steps=20", "ferret": "strategy.num_seeds=16"}
+                    "fedkseed_pro": "strategy.num_seeds=64 strategy.local_steps=20", "ferret": "strategy.num_seeds=16",
+                    "sfprompt": "model.max_length=24"}  # P=8 prompts + 24 tokens fit its 32 positions
 
 
 def _strategy(name: str) -> tuple[Any, FedtuneStrategy]:

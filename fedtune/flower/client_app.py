@@ -113,7 +113,7 @@ def make_client_app(cfg: dict[str, Any] | None = None) -> ClientApp:
         workspace = workspace_for(resolve(context), context)
         ctx = TrainContext(server_round=int(msg.content["config"]["server-round"]),
                            partition_id=partition_id_of(context), device=workspace.device,
-                           state=load_client_state(context))
+                           state=load_client_state(context), config=dict(msg.content["config"]))
         arrays = msg.content["arrays"].to_torch_state_dict() if "arrays" in msg.content else {}
         run = getattr(workspace.trainer, action)
         if action == "train":  # DP budget check and ε report (identity when privacy=none)
@@ -133,6 +133,12 @@ def make_client_app(cfg: dict[str, Any] | None = None) -> ClientApp:
     def setup(msg: Message, context: Context) -> Message:
         """One-time exchange before round 1 (the trainer's ``setup``), e.g. Fed-SB's init."""
         return serve(msg, context, "setup")
+
+    @app.train("step")
+    def step(msg: Message, context: Context) -> Message:
+        """One message of a round that is an exchange (the trainer's ``step``), e.g. SFPrompt's
+        per-batch activations and gradients; ``config["phase"]`` says which."""
+        return serve(msg, context, "step")
 
     return app
 
