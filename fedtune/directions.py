@@ -151,7 +151,9 @@ class DirectionBank(SeedDirections):
         if len(undefined):  # rows never generated take part with coefficient 0: make them 0, not garbage
             self.matrix.index_fill_(0, torch.from_numpy(undefined), 0.0)
             self._defined[undefined] = True
-        target.addmv_(self.matrix[:, a:b].t(), scaled)
+        # the product goes to a fresh buffer first: BLAS rounds differently with the output's
+        # alignment, and a resumed run's θ (read from a checkpoint) sits elsewhere in memory
+        target.add_(torch.mv(self.matrix[:, a:b].t(), scaled))
 
 
 _BANKS: OrderedDict[tuple, DirectionBank] = OrderedDict()
