@@ -159,6 +159,9 @@ def _prepare(model: Any, cfg: HFModelConfig) -> Any:
     if cfg.quantization != "none":
         from peft import prepare_model_for_kbit_training
 
+        from fedtune.models.bnb_cpu import disable_cpu_repacking
+
+        disable_cpu_repacking(model)  # evaluation and training share the layers (see the module)
         return prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing,
                                                gradient_checkpointing_kwargs=ckpt_kwargs)
     if cfg.gradient_checkpointing:
