@@ -34,7 +34,6 @@ import torch
 
 from fedtune.config.run import RunConfig
 from fedtune.data.batches import eval_batches, local_batches
-from fedtune.errors import ConfigError
 from fedtune.models.causal_lm import is_causal_lm
 from fedtune.models.split import Cut, check_cut, check_split, run_head, run_local, run_tail
 from fedtune.models.state import load_trainable_state, trainable_state
@@ -42,6 +41,7 @@ from fedtune.randomness import seed_torch, torch_generator
 from fedtune.registry import TRAINERS
 from fedtune.schedule import train_lr
 from fedtune.trainer import TrainContext
+from strategies.sfprompt import check_prompt_room
 
 STATE_PREFIX = "sfprompt/"  # the working parameters inside the round, in Context.state
 
@@ -107,10 +107,7 @@ class SFPromptTrainer:
         for p in base.parameters():
             p.requires_grad_(False)
         check_cut(base, cut_of(cfg))
-        positions = getattr(base.config, "max_position_embeddings", None)
-        if positions is not None and cfg.strategy.num_prompts + cfg.model.max_length > positions:
-            raise ConfigError(f"strategy.num_prompts: {cfg.strategy.num_prompts} prompts + model.max_length "
-                              f"{cfg.model.max_length} exceed the model's {positions} positions; lower either")
+        check_prompt_room(cfg, getattr(base.config, "max_position_embeddings", None))
         seed_torch(cfg.seed, "adapter-init")  # the same prompts on every party
         task = TaskType.CAUSAL_LM if is_causal_lm(base) else TaskType.SEQ_CLS
         config = PromptTuningConfig(task_type=task, num_virtual_tokens=cfg.strategy.num_prompts,
@@ -148,9 +145,9 @@ class SFPromptTrainer:
               ctx: TrainContext) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
         """The round's last message: upload the prompts (and head) this client ended with."""
         self._restore(model, ctx)
-        losses = ctx.state.get("sfprompt-losses", "")
-        values = [float(v) for v in str(losses).split(",") if v]
-        loss = sum(values) / len(values) if values else float(ctx.state.get("sfprompt-local-loss", math.nan))
+        steps = int(ctx.state.get("sfprompt-step", 0))
+        loss = (float(ctx.state["sfprompt-loss-sum"]) / steps if steps
+                else float(ctx.state.get("sfprompt-local-loss", math.nan)))
         num_examples = len(workspace.partitions()[ctx.partition_id])
         return trainable_state(model), {"train-loss": loss, "num-examples": num_examples}
 
@@ -179,7 +176,7 @@ class SFPromptTrainer:
                     logits = run_local(base, embeds, mask, cut, **extra_inputs(batch)).logits
                     scores.append(el2n(logits, labels))
             kept = keep_hardest(torch.cat(scores), indices, cfg.strategy.prune_ratio)
-        ctx.state.update({"sfprompt-kept": kept, "sfprompt-step": 0, "sfprompt-losses": "",
+        ctx.state.update({"sfprompt-kept": kept, "sfprompt-step": 0, "sfprompt-loss-sum": 0.0,
                           "sfprompt-local-loss": sum(losses) / len(losses) if losses else math.nan})
         self._keep(model, ctx)
         return {}, {"local-loss": ctx.state["sfprompt-local-loss"], "kept": len(kept)}
@@ -209,7 +206,7 @@ class SFPromptTrainer:
         loss = run_tail(base, hidden, mask, cut_of(workspace.cfg), labels=labels, **extra).loss
         self._sgd(model, loss, step_lr(workspace.cfg, ctx))
         ctx.state["sfprompt-step"] = step + 1
-        ctx.state["sfprompt-losses"] = f"{ctx.state['sfprompt-losses']}{float(loss.detach())},"
+        ctx.state["sfprompt-loss-sum"] = float(ctx.state["sfprompt-loss-sum"]) + float(loss.detach())
         return {"gradients": hidden.grad.float().cpu()}, {"split-loss": float(loss.detach())}
 
     def _apply_cut_gradient(self, model: Any, grad: torch.Tensor, workspace: Any, ctx: TrainContext) -> None:

@@ -33,15 +33,17 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.common.logger import log
 
-from fedtune.capabilities import UNIFORM_WEIGHTING, Capabilities, Export, Payload, Support, nbytes
+from fedtune.capabilities import UNIFORM_WEIGHTING, Capabilities, Export, Payload, Support
 from fedtune.comm.metered_grid import metered_as
 from fedtune.config.method import MethodConfig
 from fedtune.errors import ConfigError
+from fedtune.flower.replies import last_line
 from fedtune.flower.strategy import Arrays, ClientUpdate, FedtuneStrategy, weights_for
 from fedtune.models.export import load_exported
 from fedtune.models.split import Cut, run_body
 from fedtune.registry import register_method
 from fedtune.tuning import Relative
+from strategies.fedavg_lora import state_each_way, weighted_average
 
 STEP = "train.step"
 SPLIT_KIND = "split"  # the ledger kind of the per-batch activations and gradients
@@ -100,11 +102,6 @@ def body_backward(h: torch.Tensor, b: torch.Tensor, grad_b: torch.Tensor) -> tor
     """``∂L/∂h`` from the client's ``∂L/∂b`` (the frozen body collects no gradient of its own)."""
     b.backward(grad_b.to(b.device, b.dtype))
     return h.grad.detach().float().cpu()
-
-
-def fedavg(updates: list[ClientUpdate], weighting: str) -> Arrays:
-    weights = weights_for(updates, weighting)
-    return {k: sum(w * u.arrays[k].float() for w, u in zip(weights, updates)) for k in updates[0].arrays}
 
 
 class SFPrompt(FedtuneStrategy):
@@ -198,14 +195,14 @@ class SFPrompt(FedtuneStrategy):
         for reply in replies:
             pid = self._partition(reply.metadata.src_node_id)
             if reply.has_error():
-                info.failures[pid] = f"{phase}: {reply.error.reason.strip().splitlines()[-1]}"
+                info.failures[pid] = f"{phase}: {last_line(reply.error.reason)}"
                 log(WARNING, "client %d failed in %s: %s", pid, phase, info.failures[pid])
             else:
                 out[pid] = reply.content["arrays"].to_torch_state_dict() if "arrays" in reply.content else {}
         return out
 
     def aggregate(self, server_round: int, updates: list[ClientUpdate]) -> Arrays:
-        return fedavg(updates, self.weighting)
+        return weighted_average([u.arrays for u in updates], weights_for(updates, self.weighting))
 
 
 def sfprompt_preflight(cfg: Any, inventory: Any) -> None:
@@ -223,16 +220,16 @@ def sfprompt_preflight(cfg: Any, inventory: Any) -> None:
                           f"least one for the server), got {head} + {tail}")
     positions = [shape[0] for name, shape in inventory.parameters.items()
                  if name.endswith(("position_embeddings.weight", "wpe.weight"))]
-    if positions and cfg.strategy.num_prompts + cfg.model.max_length > positions[0]:
+    check_prompt_room(cfg, positions[0] if positions else None)
+
+
+def check_prompt_room(cfg: Any, positions: int | None) -> None:
+    """One-line error when P prompts + ``model.max_length`` tokens exceed a learned position
+    table of ``positions`` rows (``None``: rotary positions, no limit)."""
+    if positions is not None and cfg.strategy.num_prompts + cfg.model.max_length > positions:
         raise ConfigError(f"strategy.num_prompts: {cfg.strategy.num_prompts} prompts + model.max_length "
-                          f"{cfg.model.max_length} exceed the model's {positions[0]} positions; lower either "
+                          f"{cfg.model.max_length} exceed the model's {positions} positions; lower either "
                           f"(model=tiny: model.max_length=24)")
-
-
-def prompt_bytes(strategy: SFPrompt, partition_id: int, upload: Arrays) -> tuple[int, int]:
-    """Train traffic: the global prompts (and head) down, the client's up; the split traffic
-    is its own ledger kind (:func:`split_bytes_per_batch`)."""
-    return nbytes(strategy.global_arrays), nbytes(upload)
 
 
 def split_bytes_per_batch(batch: int, length: int, hidden: int) -> tuple[int, int]:
@@ -259,7 +256,7 @@ register_method(
                                       "base is untested; use model.quantization=none")),
     payload=Payload(down="the global soft prompts (and head), fp32; per split batch b and ∂L/∂h",
                     up="the client's prompts (and head), fp32; per split batch h, its mask and ∂L/∂b",
-                    formula=prompt_bytes),
+                    formula=state_each_way),  # train traffic; the split traffic: split_bytes_per_batch
     export=Export("peft prompt-tuning adapter (+ head)", load=load_exported), preflight=sfprompt_preflight,
     quick=("model.max_length=24", "strategy.local_steps=4", "strategy.split_steps=4", "strategy.lr=0.1"),
     tuning={"strategy.lr": Relative(1.0, 0.3, 3.0)})

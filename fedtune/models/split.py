@@ -78,8 +78,10 @@ def num_blocks(model: nn.Module) -> int:
 
 
 @contextmanager
-def _segment(model: nn.Module, modules: Sequence[nn.Module], stop_after: nn.Module | None) -> Iterator[None]:
-    parent, attr, blocks = block_list(model)
+def _segment(found: tuple[nn.Module, str, nn.ModuleList], modules: Sequence[nn.Module],
+             stop_after: nn.Module | None) -> Iterator[None]:
+    """Run the model with ``modules`` as its block list (``found``: :func:`block_list`'s answer)."""
+    parent, attr, blocks = found
     hook = None
     if stop_after is not None:
         def stop(module: nn.Module, args: Any, output: Any) -> None:
@@ -105,8 +107,9 @@ def _attention_type(block: nn.Module | None) -> str:
 
 def run_head(model: nn.Module, embeds: torch.Tensor, mask: torch.Tensor, cut: Cut) -> torch.Tensor:
     """The activations after the first ``cut.head`` blocks (what the client sends)."""
-    blocks = list(block_list(model)[2])[:cut.head]
-    with _segment(model, blocks, blocks[-1]):
+    found = block_list(model)
+    blocks = list(found[2])[:cut.head]
+    with _segment(found, blocks, blocks[-1]):
         try:
             model(inputs_embeds=embeds, attention_mask=mask, use_cache=False)
         except _Stop as stop:
@@ -116,9 +119,10 @@ def run_head(model: nn.Module, embeds: torch.Tensor, mask: torch.Tensor, cut: Cu
 
 def run_body(model: nn.Module, hidden: torch.Tensor, mask: torch.Tensor, cut: Cut) -> torch.Tensor:
     """The server's blocks applied to the client's activations."""
-    all_blocks = list(block_list(model)[2])
+    found = block_list(model)
+    all_blocks = list(found[2])
     blocks = [all_blocks[i] for i in cut.body(len(all_blocks))]
-    with _segment(model, [_Inject(hidden, _attention_type(blocks[0])), *blocks], blocks[-1]):
+    with _segment(found, [_Inject(hidden, _attention_type(blocks[0])), *blocks], blocks[-1]):
         try:
             model(inputs_embeds=_blank(hidden), attention_mask=mask, use_cache=False)
         except _Stop as stop:
@@ -128,18 +132,20 @@ def run_body(model: nn.Module, hidden: torch.Tensor, mask: torch.Tensor, cut: Cu
 
 def run_tail(model: nn.Module, hidden: torch.Tensor, mask: torch.Tensor, cut: Cut, **labels: Any) -> Any:
     """The model's output (logits, and the loss given ``labels=``) from the body's activations."""
-    all_blocks = list(block_list(model)[2])
+    found = block_list(model)
+    all_blocks = list(found[2])
     blocks = all_blocks[len(all_blocks) - cut.tail:] if cut.tail else []
     first = blocks[0] if blocks else None
-    with _segment(model, [_Inject(hidden, _attention_type(first)), *blocks], None):
+    with _segment(found, [_Inject(hidden, _attention_type(first)), *blocks], None):
         return model(inputs_embeds=_blank(hidden), attention_mask=mask, use_cache=False, **labels)
 
 
 def run_local(model: nn.Module, embeds: torch.Tensor, mask: torch.Tensor, cut: Cut, **labels: Any) -> Any:
     """The client's own model, head then tail with the body skipped (SFPrompt's local loss)."""
-    all_blocks = list(block_list(model)[2])
+    found = block_list(model)
+    all_blocks = list(found[2])
     blocks = all_blocks[:cut.head] + (all_blocks[len(all_blocks) - cut.tail:] if cut.tail else [])
-    with _segment(model, blocks, None):
+    with _segment(found, blocks, None):
         return model(inputs_embeds=embeds, attention_mask=mask, use_cache=False, **labels)
 
 
