@@ -79,6 +79,7 @@ from fedtune.results.study import (collect, grid_cells, grid_markdown, markdown_
                                    run_dir, seconds_left, summarise)
 from fedtune.results.tuning import (choices_markdown, read_records, trial_cells, trial_dir,  # noqa: E402
                                     trial_result, tuning_dir, tuning_markdown, tuning_record)
+from fedtune.results.verdicts import verdicts_markdown  # noqa: E402
 
 __all__ = ["VARIANTS", "main", "method_of", "split_overrides", "strategy_overrides"]
 
@@ -143,6 +144,9 @@ def report(plan: Plan, title: str | None, need_runs: bool = True) -> int:
     figures = [plot_study(runs, plan.out / f"comm_vs_{stem}.png", title, plan.metric),
                plot_study(runs, plan.out / f"{stem}_vs_round.png", title, plan.metric, x="round")]
     print(markdown_table(table), end="")
+    if plan.bench.claims:
+        atomic_write_text(plan.out / "verdicts.md", verdicts_markdown(plan.bench.claims, runs, plan.metric))
+        figures.append(plan.out / "verdicts.md")
     print(f"study: {len(runs)} runs -> {plan.out / 'study.md'}, {plan.out / 'study.csv'}, "
           + ", ".join(str(f) for f in figures))
     return 0

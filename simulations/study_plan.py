@@ -25,8 +25,10 @@ from fedtune.results.checkpoint import has_checkpoint
 from fedtune.results.store import atomic_write_text
 from fedtune.results.study import run_dir, run_status
 from fedtune.results.tuning import REFUSED, read_record
+from fedtune.results.verdicts import Claim
 from fedtune.runtime.processes import kill_session
 from fedtune.tuning import Relative, config_value, grid, overrides_of, resolve_space, select_trials
+from study_claims import BBC_CLAIMS, DP_CLAIMS
 
 PARTITIONS = {
     "dir0.1": ["partition.kind=dirichlet", "partition.alpha=0.1"],
@@ -117,11 +119,13 @@ class Benchmark:
     prepare: Callable[[Path], None] = lambda out: None
     trial_eval_last_only: bool = False  # a trial scores round 0 and its last only (generation is costly)
     strategies: tuple[str, ...] = ()  # the default --strategies (empty: every registered method)
+    claims: tuple[Claim, ...] = ()  # the papers' claims its runs re-test (study_claims.py)
 
 
 BENCHMARKS = {
     "bbc": Benchmark(PARTITIONS, "simulations/results/study", 20, "eval_accuracy", 0.8,
-                     "MiniLM + BBC News, 10 clients, tuned per method", lambda out: [], strategy_overrides),
+                     "MiniLM + BBC News, 10 clients, tuned per method", lambda out: [], strategy_overrides,
+                     claims=BBC_CLAIMS),
     "instruct": Benchmark(
         {"category": ["partition.kind=label", "partition.by=category"]}, "simulations/results/study_instruct", 8,
         "rouge_l", 0.25, "SmolLM2-135M-Instruct, BBC headlines, one topic per client, tech held out",
@@ -129,7 +133,7 @@ BENCHMARKS = {
         lambda strategy, extra: INSTRUCT_STRATEGY_OVERRIDES.get(strategy, []), write_headlines, True),
     "dp": Benchmark(DP_PARTITIONS, "simulations/results/study_dp", 20, "eval_accuracy", 0.5,
                     "MiniLM + BBC News under example-level DP-SGD, Dir(0.5), tuned per method and ε",
-                    lambda out: [], strategy_overrides, strategies=DP_STRATEGIES),
+                    lambda out: [], strategy_overrides, strategies=DP_STRATEGIES, claims=DP_CLAIMS),
 }
 
 
