@@ -35,8 +35,10 @@ At the end (or alone with ``--report-only``) it writes, atomically, ``study.csv`
 ``study.md`` (final score mean ± std over seeds, held-out score, bytes per client-round,
 one-time and total bytes, bytes to ``--target``, median seconds per round),
 ``comm_vs_<metric>.png`` (score against cumulative bytes, a panel per partition, seed
-bands, the Pareto front), ``<metric>_vs_round.png`` and ``tuning/choices.md`` (each
-partition × strategy's choice and its validation score against the default point's).
+bands, the Pareto front), ``<metric>_vs_round.png``, ``tuning/choices.md`` (each
+partition × strategy's choice and its validation score against the default point's) and,
+for the benchmarks with claims (``study_claims.py``), ``verdicts.md``: each paper claim
+re-tested on the runs, by paired tests over the seeds and the measured bytes.
 
 Run::
 
