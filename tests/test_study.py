@@ -195,6 +195,9 @@ def test_study_resumes_a_killed_run_skips_finished_ones_and_reports(killed_then_
     assert row["bytes_to_target_mean"] == (str(reached[0]) if reached else ""), accs
     assert (root / "comm_vs_accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| dir0.5 | `fedavg_lora` | 1 |" in (root / "study.md").read_text()
+    verdicts = (root / "verdicts.md").read_text().splitlines()  # every claim × partition, none testable yet
+    assert len(verdicts) == 2 + sum(len(c.partitions) for c in load_study_module().BENCHMARKS["bbc"].claims)
+    assert all(line.endswith("| **not run yet** |") for line in verdicts[2:]), verdicts
 
     before = (run / "metrics.csv").stat().st_mtime_ns
     assert load_study_main()(study_args(root)) == 0  # a third call: nothing left to run
