@@ -34,6 +34,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.common.logger import log
 
 from fedtune.capabilities import UNIFORM_WEIGHTING, Capabilities, Export, Payload, Support
+from fedtune.comm.ledger import SPLIT
 from fedtune.comm.metered_grid import metered_as
 from fedtune.config.method import MethodConfig
 from fedtune.errors import ConfigError
@@ -46,7 +47,6 @@ from fedtune.tuning import Relative
 from strategies.fedavg_lora import state_each_way, weighted_average
 
 STEP = "train.step"
-SPLIT_KIND = "split"  # the ledger kind of the per-batch activations and gradients
 
 
 @dataclass
@@ -140,7 +140,7 @@ class SFPrompt(FedtuneStrategy):
         nodes = {m.metadata.dst_node_id: self._partition(m.metadata.dst_node_id) for m in begin}
         active = self._exchange(grid, server_round, {nodes[m.metadata.dst_node_id]: dict(
             m.content["arrays"].to_torch_state_dict()) for m in begin}, "begin", info)
-        with metered_as(grid, SPLIT_KIND):
+        with metered_as(grid, SPLIT):  # the per-batch activations and gradients
             pending: dict[int, dict[str, torch.Tensor]] = {pid: {} for pid in active}
             for _ in range(self.config.split_steps):
                 pending = self._split_step(grid, server_round, pending, info)

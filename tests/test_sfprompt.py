@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from clients.sfprompt import SFPromptTrainer, cut_of, el2n, keep_hardest, with_prompts
+from fedtune.comm.ledger import SPLIT, TRAIN, UP
 from fedtune.config import compose
 from fedtune.errors import ConfigError
 from fedtune.models.split import run_head, run_tail
@@ -24,7 +25,7 @@ from fedtune.registry import MODELS
 from fedtune.runtime.workspace import Workspace
 from hf_testing import save_tiny_model
 from method_testing import run_method, task_identity  # noqa: F401  (task_identity: a fixture)
-from strategies.sfprompt import SPLIT_KIND, body_backward, body_forward, split_bytes_per_batch
+from strategies.sfprompt import body_backward, body_forward, split_bytes_per_batch
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +93,7 @@ def test_split_messages_carry_exactly_the_activations(task_identity: None) -> No
         for pid, n in sizes.items():
             batch = min(cfg.train.batch_size, math.ceil((1 - s.prune_ratio) * n))
             records = [x for x in strategy.ledger.records
-                       if x.server_round == r and x.partition_id == pid and x.kind == SPLIT_KIND]
+                       if x.server_round == r and x.partition_id == pid and x.kind == SPLIT]
             down = sum(x.payload_bytes for x in records if x.direction == "down")
             up = sum(x.payload_bytes for x in records if x.direction == "up")
             per_down, per_up = split_bytes_per_batch(batch, length, d)
@@ -100,6 +101,15 @@ def test_split_messages_carry_exactly_the_activations(task_identity: None) -> No
             acts = 4 * batch * length * d
             ups = sorted(x.payload_bytes for x in records if x.direction == "up")
             assert ups == sorted([acts + batch * length] * s.split_steps + [acts] * s.split_steps + [0])
+    # a client-round's payload sums every message of the round: the split steps and the prompt upload
+    expected = []
+    for r in run.rounds:
+        for pid, n in sizes.items():
+            batch = min(cfg.train.batch_size, math.ceil((1 - s.prune_ratio) * n))
+            prompts = sum(x.payload_bytes for x in strategy.ledger.records
+                          if (x.server_round, x.partition_id, x.kind, x.direction) == (r, pid, TRAIN, UP))
+            expected.append(s.split_steps * split_bytes_per_batch(batch, length, d)[1] + prompts)
+    assert strategy.ledger.payload_per_client_round(UP) == pytest.approx(sum(expected) / len(expected))
 
 
 def test_el2n_and_pruning_keep_the_hardest_examples() -> None:

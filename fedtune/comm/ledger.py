@@ -27,6 +27,11 @@ from flwr.app import Message, RecordDict
 
 DOWN, UP = "down", "up"
 RESUME = "resume"
+TRAIN, SPLIT = "train", "split"
+# What every round repeats, per client: the method's training exchange and a split model's
+# per-batch activations and gradients; not roll-calls ("control"), set-up ("one_time") or a
+# restart's traffic ("resume").
+ROUND_KINDS = frozenset({TRAIN, SPLIT})
 
 
 @dataclass(frozen=True)
@@ -73,6 +78,12 @@ class Ledger:
     def __init__(self, records: Iterable[WireRecord] = ()) -> None:
         self.records: list[WireRecord] = list(records)
 
+    @classmethod
+    def from_rows(cls, rows: Iterable[dict[str, str]]) -> "Ledger":
+        """The ledger of a finished run from its ``ledger.csv`` rows (:meth:`rows`)."""
+        return cls(WireRecord(int(r["server_round"]), int(r["partition_id"]), r["direction"], r["kind"],
+                              int(r["wire_bytes"]), int(r["payload_bytes"])) for r in rows)
+
     def record(self, message: Message, server_round: int, partition_id: int, direction: str, kind: str,
                node_id: int = 0) -> WireRecord:
         wire, payload = measure(message)
@@ -99,6 +110,17 @@ class Ledger:
                 out[f"bytes_{r.direction}"] += r.wire_bytes
                 out[f"payload_{r.direction}"] += r.payload_bytes
         return out
+
+    def payload_per_client_round(self, direction: str) -> float:
+        """Mean payload bytes one client exchanges in one round in ``direction``: its messages of
+        :data:`ROUND_KINDS` summed per (round, client), over the client-rounds that carried any
+        (a split model sends many messages a round; an error reply carries none)."""
+        sums: dict[tuple[int, int], int] = {}
+        for r in self.records:
+            if r.kind in ROUND_KINDS and r.direction == direction:
+                sums[(r.server_round, r.partition_id)] = sums.get((r.server_round, r.partition_id), 0) + r.payload_bytes
+        carried = [v for v in sums.values() if v > 0]
+        return sum(carried) / len(carried) if carried else 0.0
 
     def cumulative_bytes(self, up_to_round: int) -> int:
         """Wire bytes in both directions of all rounds ``<= up_to_round``."""

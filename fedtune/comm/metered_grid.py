@@ -13,13 +13,13 @@ from contextlib import contextmanager
 from flwr.app import Message
 from flwr.serverapp import Grid
 
-from fedtune.comm.ledger import DOWN, UP, Ledger
+from fedtune.comm.ledger import DOWN, TRAIN, UP, Ledger
 
 
 def _kind(message_type: str) -> str:
     if message_type.startswith("query"):
         return "control"
-    return "one_time" if message_type.endswith(".setup") else "train"
+    return "one_time" if message_type.endswith(".setup") else TRAIN
 
 
 class MeteredGrid(Grid):

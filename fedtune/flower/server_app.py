@@ -26,6 +26,7 @@ from typing import Any
 from flwr.app import ArrayRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
+from fedtune.comm.ledger import UP
 from fedtune.config.composition import compose
 from fedtune.config.run import RunConfig
 from fedtune.evaluation import central_metrics
@@ -188,8 +189,6 @@ def _run_rounds(grid: Grid, cfg: RunConfig, store: RunStore, checkpoint: dict[st
     strategy.load_into(model)
     atomic_write_dir(store.dir / "adapter", lambda tmp: strategy.export(model, str(tmp)))
     store.write_ledger(strategy.ledger.rows())
-    # client-rounds that delivered a payload (error replies, e.g. a vanished node's, carry none)
-    up = [r for r in strategy.ledger.records if r.direction == "up" and r.kind == "train" and r.payload_bytes > 0]
     rows = store.rows
     accs = [float(r["eval_accuracy"]) for r in rows if not math.isnan(float(r["eval_accuracy"]))]
     return {
@@ -199,7 +198,7 @@ def _run_rounds(grid: Grid, cfg: RunConfig, store: RunStore, checkpoint: dict[st
         "total_bytes": strategy.ledger.cumulative_bytes(cfg.num_rounds),
         "total_bytes_up": sum(int(r["bytes_up"]) for r in rows),
         "total_bytes_down": sum(int(r["bytes_down"]) for r in rows),
-        "payload_up_per_client_round": (sum(r.payload_bytes for r in up) / len(up)) if up else 0,
+        "payload_up_per_client_round": strategy.ledger.payload_per_client_round(UP),
         "client_failures": sum(int(r["num_failures"]) for r in rows),
         "failures": failure_log(strategy),
         "wall_seconds": round(time.perf_counter() - t_start, 3),

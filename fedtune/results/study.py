@@ -5,7 +5,7 @@ A study directory holds ``<partition>/<strategy>/seed<k>/`` run directories (wha
 :mod:`fedtune.results.tuning`).  Per (partition, strategy) over the seeds this computes
 the final score mean ± std (``eval_accuracy``, or another metrics.csv column such as a
 generative benchmark's ``rouge_l``, and its held-out counterpart when there is one), the
-payload bytes per client-round of the training exchange (ledger kind ``train``; one-time
+payload bytes per client-round of the round's exchange (ledger kinds ``train`` and ``split``; one-time
 set-up traffic such as Fed-SB's init gradients and bases is reported apart, in total and
 per direction), the wire bytes needed to first reach a target accuracy, and the median
 seconds per round; and the mean accuracy-vs-cumulative-bytes curve with its seed band,
@@ -24,6 +24,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
+from fedtune.comm.ledger import Ledger
 from fedtune.results.store import read_ledger, read_metrics
 
 
@@ -177,10 +178,9 @@ def bytes_to_target(rows: list[dict[str, str]], target: float, metric: str = "ev
 
 
 def payload_per_client_round(ledger: list[dict[str, str]], direction: str) -> float:
-    """Mean payload bytes of one client's training message in ``direction`` (``up``/``down``)."""
-    sizes = [int(r["payload_bytes"]) for r in ledger
-             if r["kind"] == "train" and r["direction"] == direction and int(r["payload_bytes"]) > 0]
-    return statistics.fmean(sizes) if sizes else 0.0
+    """Mean payload bytes of one client's round in ``direction`` (``up``/``down``), every
+    message of the round's exchange summed (:meth:`fedtune.comm.ledger.Ledger.payload_per_client_round`)."""
+    return Ledger.from_rows(ledger).payload_per_client_round(direction)
 
 
 def one_time_bytes(ledger: list[dict[str, str]], direction: str | None = None) -> int:
