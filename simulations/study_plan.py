@@ -39,9 +39,12 @@ PARTITIONS = {
 # methods"): FedKSeed's lr 1e-3 diverges there, 1e-4 is the largest stable value; K=1024
 # keeps its direction bank in memory.  Another model (model=tiny) uses the configs' defaults.
 # These are the untuned settings: tuning scales FedKSeed's lr and K from them.
+# one_byte: its 64 projected gradients a round at batch 4, not its config's 16, keep its forward
+# passes a round near FedKSeed's 200 × 1 and a run under 15 minutes (simulations/README.md).
 MINILM_STRATEGY_OVERRIDES = {
     "fedkseed": ["strategy.num_seeds=1024", "strategy.lr=1e-4"],
     "fedkseed_pro": ["strategy.num_seeds=1024", "strategy.lr=1e-4"],
+    "one_byte": ["strategy.batch_size=4"],
 }
 # The private benchmark: the bbc benchmark's Dir(0.5) clients under DP-SGD (privacy=dp_sgd: each
 # client's sigma calibrated to spend exactly the target epsilon over its planned steps), one
@@ -63,7 +66,8 @@ INSTRUCT_OVERRIDES = [
 # FedKSeed on SmolLM2's norms (35k scalars): 20 ZO steps of batch 2 per round keep its round near a
 # first-order one on 2 cores (its paper: 200 of batch 1); K = 1024 and lr 1e-4 as on MiniLM.
 _ZO_INSTRUCT = ["strategy.num_seeds=1024", "strategy.lr=1e-4", "strategy.local_steps=20", "strategy.batch_size=2"]
-INSTRUCT_STRATEGY_OVERRIDES = {"fedkseed": _ZO_INSTRUCT, "fedkseed_pro": _ZO_INSTRUCT}
+INSTRUCT_STRATEGY_OVERRIDES = {"fedkseed": _ZO_INSTRUCT, "fedkseed_pro": _ZO_INSTRUCT,
+                               "one_byte": ["strategy.local_steps=20", "strategy.batch_size=2"]}
 
 
 @functools.lru_cache(maxsize=8)
