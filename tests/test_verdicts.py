@@ -18,10 +18,12 @@ def _run(strategy: str, seed: int, accs: list[float], bytes_per_round: int = 100
          partition: str = "p") -> StudyRun:
     rows = [{"round": str(i), "eval_accuracy": f"{a:.6f}", "cumulative_bytes": str(one_time + i * bytes_per_round)}
             for i, a in enumerate(accs)]
-    ledger = [{"kind": "train", "direction": d, "payload_bytes": str(bytes_per_round // 2),
-               "wire_bytes": str(bytes_per_round // 2)} for _ in accs[1:] for d in ("up", "down")]
+    ledger = [{"server_round": str(r), "partition_id": "0", "kind": "train", "direction": d,
+               "payload_bytes": str(bytes_per_round // 2), "wire_bytes": str(bytes_per_round // 2)}
+              for r in range(1, len(accs)) for d in ("up", "down")]
     if one_time:
-        ledger.append({"kind": "one_time", "direction": "up", "payload_bytes": str(one_time), "wire_bytes": str(one_time)})
+        ledger.append({"server_round": "1", "partition_id": "0", "kind": "one_time", "direction": "up",
+                       "payload_bytes": str(one_time), "wire_bytes": str(one_time)})
     return StudyRun(partition, strategy, seed, rows, ledger)
 
 
