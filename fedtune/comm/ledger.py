@@ -19,6 +19,7 @@ the per-round and cumulative totals that ``metrics.csv`` and the plots read.
 from __future__ import annotations
 
 import math
+from collections import defaultdict
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Iterable
 
@@ -115,10 +116,10 @@ class Ledger:
         """Mean payload bytes one client exchanges in one round in ``direction``: its messages of
         :data:`ROUND_KINDS` summed per (round, client), over the client-rounds that carried any
         (a split model sends many messages a round; an error reply carries none)."""
-        sums: dict[tuple[int, int], int] = {}
+        sums: defaultdict[tuple[int, int], int] = defaultdict(int)
         for r in self.records:
             if r.kind in ROUND_KINDS and r.direction == direction:
-                sums[(r.server_round, r.partition_id)] = sums.get((r.server_round, r.partition_id), 0) + r.payload_bytes
+                sums[(r.server_round, r.partition_id)] += r.payload_bytes
         carried = [v for v in sums.values() if v > 0]
         return sum(carried) / len(carried) if carried else 0.0
 

@@ -169,12 +169,15 @@ def final_value(rows: list[dict[str, str]], metric: str = "eval_accuracy") -> fl
     return float(evaluated[-1][metric]) if evaluated else None
 
 
+def first_reaching(rows: list[dict[str, str]], target: float, metric: str = "eval_accuracy") -> dict[str, str] | None:
+    """The first evaluated row with ``metric`` ≥ ``target`` (None: never)."""
+    return next((r for r in _evaluated(rows, metric) if float(r[metric]) >= target), None)
+
+
 def bytes_to_target(rows: list[dict[str, str]], target: float, metric: str = "eval_accuracy") -> int | None:
     """Cumulative wire bytes at the first evaluated round with ``metric`` ≥ ``target`` (None: never)."""
-    for r in _evaluated(rows, metric):
-        if float(r[metric]) >= target:
-            return int(r["cumulative_bytes"])
-    return None
+    row = first_reaching(rows, target, metric)
+    return None if row is None else int(row["cumulative_bytes"])
 
 
 def payload_per_client_round(ledger: list[dict[str, str]], direction: str) -> float:
@@ -250,7 +253,7 @@ def pareto_front(points: list[tuple[float, float, str]]) -> list[tuple[float, fl
     return front
 
 
-def _fmt_bytes(n: float | None) -> str:
+def format_bytes(n: float | None) -> str:
     if n is None:
         return "not reached"
     return f"{n / 1e6:.2f} MB" if n >= 1e5 else f"{n / 1e3:.1f} kB"
@@ -270,13 +273,13 @@ def markdown_table(table: list[dict[str, object]]) -> str:
              "| --- | --- | --- | --- | " + ("--- | " if with_heldout else "") + "--- | --- | --- | --- | --- |"]
     for r in table:
         spr = r["seconds_per_round_median"]
-        one_time = (f"{_fmt_bytes(r['one_time_bytes'])} (up {_fmt_bytes(r['one_time_up_bytes'])}, "
-                    f"down {_fmt_bytes(r['one_time_down_bytes'])})") if r["one_time_bytes"] else "0"
+        one_time = (f"{format_bytes(r['one_time_bytes'])} (up {format_bytes(r['one_time_up_bytes'])}, "
+                    f"down {format_bytes(r['one_time_down_bytes'])})") if r["one_time_bytes"] else "0"
         heldout = f"{r[f'{held}_mean']:.3f} ± {r[f'{held}_std']:.3f} | " if with_heldout else ""
         lines.append(
             f"| {r['partition']} | `{r['strategy']}` | {r['seeds']} | {r[f'final_{name}_mean']:.3f} ± "
             f"{r[f'final_{name}_std']:.3f} | {heldout}{r['payload_up_per_client_round']:,.0f} / "
             f"{r['payload_down_per_client_round']:,.0f} B | {one_time} "
-            f"| {_fmt_bytes(r['total_bytes'])} | {_fmt_bytes(r['bytes_to_target_mean'])} "
+            f"| {format_bytes(r['total_bytes'])} | {format_bytes(r['bytes_to_target_mean'])} "
             f"({r['seeds_reaching_target']}/{r['seeds']}) | {'–' if spr is None else f'{spr:.1f}'} |")
     return "\n".join(lines) + "\n"

@@ -18,7 +18,8 @@ from dataclasses import dataclass
 
 from scipy import stats
 
-from fedtune.results.study import StudyRun, final_value, metric_name, one_time_bytes, payload_per_client_round
+from fedtune.results.study import (StudyRun, final_value, first_reaching, format_bytes, metric_name, one_time_bytes,
+                                   payload_per_client_round)
 
 ALPHA = 0.05  # one-sided level of every test (the "near" check: two one-sided tests, a 90% interval)
 MIN_SEEDS = 3
@@ -127,10 +128,6 @@ def _per_round(run: StudyRun) -> float:
     return payload_per_client_round(run.ledger, "up") + payload_per_client_round(run.ledger, "down")
 
 
-def _mb(n: float) -> str:
-    return f"{n / 1e6:.2f} MB" if n >= 1e5 else f"{n / 1e3:.1f} kB"
-
-
 def _times(x: float) -> str:
     return f"{x:.2f}×" if x < 10 else f"{x:,.0f}×"
 
@@ -141,17 +138,15 @@ def check_bytes(check: FewerBytes, method: dict[int, StudyRun], base: dict[int, 
     m, b = statistics.fmean(map(_total, method.values())), statistics.fmean(map(_total, base.values()))
     per_round = statistics.fmean(map(_per_round, base.values())) / statistics.fmean(map(_per_round, method.values()))
     once = statistics.fmean(one_time_bytes(r.ledger) for r in method.values())
-    ours = (f"{_mb(m)} vs `{check.baseline}` {_mb(b)}: {_times(b / m)} fewer in total (asked ≥ {check.factor:g}×), "
-            f"{_times(per_round)} per client-round" + (f"; one-time set-up {_mb(once)}" if once else ""))
+    ours = (f"{format_bytes(m)} vs `{check.baseline}` {format_bytes(b)}: {_times(b / m)} fewer in total (asked ≥ {check.factor:g}×), "
+            f"{_times(per_round)} per client-round" + (f"; one-time set-up {format_bytes(once)}" if once else ""))
     return Finding(AGREES if b / m >= check.factor else DISAGREES, ours)
 
 
 def rounds_to(run: StudyRun, target: float, metric: str) -> int | None:
     """The first evaluated round whose ``metric`` is ≥ ``target`` (None: never)."""
-    for row in run.rows:
-        if row.get(metric) not in (None, "", "nan") and float(row[metric]) >= target:
-            return int(row["round"])
-    return None
+    row = first_reaching(run.rows, target, metric)
+    return None if row is None else int(row["round"])
 
 
 def check_rounds(check: FewerRounds, method: dict[int, StudyRun], base: dict[int, StudyRun], metric: str) -> Finding:
