@@ -6,7 +6,8 @@ As published they need the Hugging Face hub and a GPU.  Here each one is compose
 the CPU.  The composed config must keep the published settings; then one round runs through
 the real ServerApp and ClientApps in process, scaled to a CPU test (the overrides are
 listed in ``SCALED`` and ``COMMON``: clients, rounds, seeds, local steps, the test carve of a
-160-example stand-in, and evaluation size only).
+160-example stand-in, which is one table (so an experiment's hub configuration and named test
+split are cleared), and evaluation size only).
 """
 
 from __future__ import annotations
@@ -42,6 +43,11 @@ PUBLISHED = {
     "fed_sb_metamath": {"strategy.name": "fed_sb", "strategy.rank": 200, "federation.num_clients": 25,
                         "num_rounds": 1, "train.lr": 1e-4, "dataset.path": "meta-math/MetaMathQA",
                         "dataset.format": "prompt_completion"},
+    "one_byte_gsm8k": {"strategy.name": "one_byte", "strategy.local_steps": 30, "strategy.batch_size": 64,
+                       "strategy.eps": 1e-3, "strategy.lr": 3.3333e-6, "strategy.trainable": "all",
+                       "model.dtype": "float16", "federation.num_clients": 2,
+                       "federation.fraction": 1.0, "num_rounds": 300, "dataset.path": "openai/gsm8k",
+                       "dataset.subset": "main", "dataset.test_split": "test"},
 }
 # Scaled to a CPU test (the only overrides besides the stand-in paths and runtime.device).
 SCALED = {
@@ -53,6 +59,7 @@ SCALED = {
                      "train.local_steps=2", "partition.min_partition_size=2"],
     "fed_sb_metamath": ["federation.num_clients=2", "strategy.rank=8", "strategy.init_samples=4", "train.batch_size=4",
                         "train.local_steps=2", "model.lora.target_modules=[q_proj,v_proj,up_proj]"],
+    "one_byte_gsm8k": ["strategy.local_steps=4", "strategy.batch_size=4"],
 }
 COMMON = ["num_rounds=1", "dataset.test_fraction=0.25", "eval.max_examples=4", "eval.max_new_tokens=4", "eval.batch_size=4", "model.max_length=96",
           "runtime.device=cpu", "seed=0"]
@@ -72,7 +79,9 @@ def stand_in_overrides(name: str, model_dir: Path, root: Path) -> list[str]:
     data = write_dataset(root / f"{name}.jsonl", published.dataset.format, n=160, columns=columns)
     # the stand-in's categories are its own: hold out one of them, as the experiment holds out one of its own
     heldout = ["dataset.heldout=[music]"] if published.dataset.heldout else []
-    return [f"experiment={name}", f"model.path={model_dir}", f"dataset.path={data}", *heldout]
+    # the stand-in is one table: no hub configuration to pick and no test split of its own (COMMON carves one)
+    one_table = [f"dataset.{key}=''" for key in ("subset", "test_split") if getattr(published.dataset, key)]
+    return [f"experiment={name}", f"model.path={model_dir}", f"dataset.path={data}", *heldout, *one_table]
 
 
 def test_every_experiment_is_listed() -> None:

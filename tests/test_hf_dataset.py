@@ -151,6 +151,32 @@ def test_a_named_test_split_is_used_as_is(tmp_path: Path, tiny_llama: Path) -> N
         Workspace(hf_config(tiny_llama, tmp_path / "dd", "prompt_completion", "dataset.test_split=nope")).data
 
 
+def test_dataset_subset_picks_a_named_configuration_and_is_refused_on_one_table(tmp_path: Path, tiny_llama: Path,
+                                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    # a folder laid out as a hub dataset repository: a README whose front matter names two configurations
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    rows = records("prompt_completion", examples(24))
+    parts = {"main": rows[:12], "socratic": rows[12:]}
+    for name, part in parts.items():
+        (repo / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in part))
+    (repo / "README.md").write_text("---\nconfigs:\n- config_name: main\n  data_files: main.jsonl\n"
+                                    "- config_name: socratic\n  data_files: socratic.jsonl\n---\n")
+    for name, part in parts.items():
+        data = Workspace(hf_config(tiny_llama, repo, "prompt_completion", f"dataset.subset={name}",
+                                   "dataset.test_fraction=0.25")).data
+        assert sorted([*data.train.body, *data.test.body]) == sorted(r["prompt"] for r in part), name
+    table = tmp_path / "main.jsonl"
+    table.write_text((repo / "main.jsonl").read_text())
+    with pytest.raises(ConfigError, match=r"^dataset.subset: 'main' names a hub dataset's configuration, but .*"
+                                          r"main.jsonl is one local table already; set dataset.subset=''$"):
+        Workspace(hf_config(tiny_llama, table, "prompt_completion", "dataset.subset=main")).data
+    monkeypatch.chdir(tmp_path)  # a hub id must not match a local folder
+    with pytest.raises(ConfigError, match=r"load_dataset\('openai/gsm8k', 'main'\)\.save_to_disk\('DIR'\)\"\) "
+                                          r"and set dataset.path=DIR and dataset.subset=''"):
+        Workspace(hf_config(tiny_llama, "openai/gsm8k", "prompt_completion", "dataset.subset=main")).data
+
+
 def test_natural_partitions_by_category_with_heldout_values(data_files: Path, tiny_llama: Path) -> None:
     path = data_path(data_files, "chat", ".jsonl")
     cfg = hf_config(tiny_llama, path, "chat", "partition.kind=label", "partition.by=category",

@@ -62,6 +62,7 @@ class HFDatasetConfig(PackagedDatasetConfig):
     """``dataset=hf dataset.path=<file, folder or hub id> dataset.format=<format>`` (module doc).
 
     fields : the column of each role (:class:`FieldsConfig`), e.g. ``dataset.fields.output=response``.
+    subset : a hub dataset's configuration name, e.g. ``main`` for ``openai/gsm8k`` ("" = its default).
     split, test_split : the training split; the test split ("" = carve ``test_fraction`` with ``split_seed``).
     validation_fraction : share of the training split carved as the validation split (0 = none;
         the field and its carve are the packaged datasets', :func:`~fedtune.data.sources.carve`).
@@ -75,6 +76,7 @@ class HFDatasetConfig(PackagedDatasetConfig):
     name: str = "hf"
     path: str = ""
     revision: str = ""
+    subset: str = ""
     format: str = "alpaca"
     fields: FieldsConfig = field(default_factory=FieldsConfig)
     split: str = "train"
@@ -191,7 +193,7 @@ def _tables(cfg: HFDatasetConfig) -> tuple[Any, int | None]:
     if not cfg.path:
         raise ConfigError(f"dataset.path is required for dataset={cfg.name}: a .json/.jsonl/.csv/.parquet file, "
                           "a save_to_disk folder, or a hub dataset id")
-    splits = read_splits(cfg.path, cfg.revision)
+    splits = read_splits(cfg.path, cfg.revision, cfg.subset)
     train = pick_split(splits, cfg.split, "dataset.split")
     if not cfg.test_split:
         return train, None

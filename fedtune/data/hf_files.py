@@ -3,7 +3,8 @@
 ``.json`` / ``.jsonl`` / ``.csv`` / ``.parquet`` files go through ``datasets``' packaged
 builders of those names (a CSV's cells read as the text they hold); a folder written by ``save_to_disk`` through ``load_from_disk``;
 any other folder through ``load_dataset(folder)`` (which infers the builder from its
-files); anything else is taken for a hub id.  Every failure a user can cause (a path
+files); anything else is taken for a hub id, read with its configuration ``dataset.subset``
+when one is named (GSM8K's ``main``).  Every failure a user can cause (a path
 that does not exist, a hub id while the hub is unreachable or ``HF_DATASETS_OFFLINE=1``,
 a split that is not there) is a one-line :class:`~fedtune.errors.ConfigError` naming
 ``dataset.path`` or the split field, raised where the data is first read: before Ray.
@@ -27,17 +28,27 @@ def _offline() -> bool:
     return any(os.environ.get(v, "").lower() in ("1", "true", "yes") for v in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE"))
 
 
-def _fetch_hint(hub_id: str) -> str:
-    return (f"fetch it where the hub is reachable (python -c \"import datasets; datasets.load_dataset('{hub_id}')"
-            f".save_to_disk('DIR')\") and set dataset.path=DIR, or give a local file")
+def _fetch_hint(hub_id: str, subset: str = "") -> str:
+    name = f", '{subset}'" if subset else ""
+    then = " and dataset.subset=''" if subset else ""
+    return (f"fetch it where the hub is reachable (python -c \"import datasets; datasets.load_dataset('{hub_id}'{name})"
+            f".save_to_disk('DIR')\") and set dataset.path=DIR{then}, or give a local file")
 
 
-def read_splits(path: str, revision: str = "") -> dict[str, Any]:
-    """``{split name: datasets.Dataset}`` of ``path`` (a single file or table is split ``train``)."""
+def read_splits(path: str, revision: str = "", subset: str = "") -> dict[str, Any]:
+    """``{split name: datasets.Dataset}`` of ``path`` (a single file or table is split ``train``).
+
+    ``subset`` is a hub dataset's configuration name; a local file or a ``save_to_disk``
+    folder holds one table already, so naming one there is refused rather than ignored.
+    """
     import datasets
 
     datasets.disable_progress_bars()
     local = Path(path).expanduser()
+    saved = local.is_dir() and ((local / "dataset_info.json").is_file() or (local / "dataset_dict.json").is_file())
+    if subset and (local.is_file() or saved):
+        raise ConfigError(f"dataset.subset: {subset!r} names a hub dataset's configuration, but {local} is one "
+                          "local table already; set dataset.subset=''")
     if local.is_file():
         builder = FILE_BUILDERS.get(local.suffix.lower())
         if builder is None:
@@ -45,20 +56,20 @@ def read_splits(path: str, revision: str = "") -> dict[str, Any]:
                               f"{', '.join(FILE_BUILDERS)} files or a folder")
         options = _csv_as_text(local) if builder == "csv" else {}
         return _as_dict(_load(lambda: datasets.load_dataset(builder, data_files=str(local), **options), local))
+    if saved:
+        return _as_dict(_load(lambda: datasets.load_from_disk(str(local)), local))
     if local.is_dir():
-        if (local / "dataset_info.json").is_file() or (local / "dataset_dict.json").is_file():
-            return _as_dict(_load(lambda: datasets.load_from_disk(str(local)), local))
-        return _as_dict(_load(lambda: datasets.load_dataset(str(local)), local))
+        return _as_dict(_load(lambda: datasets.load_dataset(str(local), subset or None), local))
     if not _HUB_ID.match(path) or Path(path).suffix.lower() in FILE_BUILDERS:
         raise ConfigError(f"dataset.path: no such file or folder: {local}")
     if _offline():
         raise ConfigError(f"dataset.path: {path!r} is not a local file or folder and the hub is offline "
-                          f"(HF_DATASETS_OFFLINE/HF_HUB_OFFLINE=1); {_fetch_hint(path)}")
+                          f"(HF_DATASETS_OFFLINE/HF_HUB_OFFLINE=1); {_fetch_hint(path, subset)}")
     try:
-        return _as_dict(datasets.load_dataset(path, revision=revision or None))
+        return _as_dict(datasets.load_dataset(path, subset or None, revision=revision or None))
     except (ConnectionError, OSError) as exc:
         raise ConfigError(f"dataset.path: cannot reach the hub for {path!r} ({type(exc).__name__}); "
-                          f"{_fetch_hint(path)}") from None
+                          f"{_fetch_hint(path, subset)}") from None
     except Exception as exc:  # noqa: BLE001  (datasets raises its own DatasetNotFoundError etc.)
         raise ConfigError(f"dataset.path: {path!r} is not a local file or folder, nor a hub dataset "
                           f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
