@@ -69,10 +69,10 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # study_plan.py, when loaded by file path
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # study_plan.py and the rest, when loaded by file path
 
-from study_plan import (BENCHMARKS, VARIANTS, Plan, expected_mismatch, log_sitting, machine, parse_space,  # noqa: E402
-                        method_of, run_one, strategy_overrides, untuned_leftovers)
+from study_benchmarks import BENCHMARKS, VARIANTS, method_of, strategy_overrides  # noqa: E402
+from study_plan import Plan, expected_mismatch, log_sitting, machine, parse_space, run_one, untuned_leftovers  # noqa: E402
 
 from fedtune.plots import plot_study  # noqa: E402
 from fedtune.registry import METHODS  # noqa: E402
