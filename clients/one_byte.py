@@ -42,6 +42,13 @@ def client_log(state: dict[str, Any], steps: int) -> dict[str, torch.Tensor]:
     return {k: state[f"{STATE_PREFIX}{k}"] for k in LOG_KEYS}
 
 
+def store_log(state: dict[str, Any], steps: int, arrays: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Merge the received log entries into the client's copy in ``state``; return the merged log."""
+    log = merge_logs(client_log(state, steps), {k: arrays[k] for k in LOG_KEYS})
+    state.update({f"{STATE_PREFIX}{k}": v for k, v in log.items()})
+    return log
+
+
 class OneByteTrainer(SeededTrainer):
     """Replays the log, then τ one-byte projected gradients."""
 
@@ -71,8 +78,7 @@ class OneByteTrainer(SeededTrainer):
         """Merge, sync, measure τ projected gradients; return them with the losses."""
         cfg: RunConfig = workspace.cfg
         sc = cfg.strategy
-        log = merge_logs(client_log(ctx.state, sc.local_steps), {k: arrays[k] for k in LOG_KEYS})
-        ctx.state.update({f"{STATE_PREFIX}{k}": v for k, v in log.items()})
+        log = store_log(ctx.state, sc.local_steps, arrays)
         start, replayed = self.synced_theta(model, log, cfg, ctx.server_round - 1)
         loss_at, flat = self.zo_loss(model, workspace, ctx, sc.local_steps, sc.batch_size), self.flat(model)
         model.eval()
@@ -86,6 +92,12 @@ class OneByteTrainer(SeededTrainer):
         codes, scale = quantize(grads, sc.scale, sc.rounding, rounding_gen)
         return {"start": start, "grads": grads, "codes": codes, "scale": scale, "losses": losses,
                 "replayed": replayed}
+
+    def setup(self, model: torch.nn.Module, arrays: dict[str, torch.Tensor], workspace: Any,
+              ctx: TrainContext) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+        """A resumed server's whole log: merged into this client's copy, replayed at its next round."""
+        log = store_log(ctx.state, workspace.cfg.strategy.local_steps, arrays)
+        return {}, {"log-entries": len(log["rounds"])}
 
     def train(self, model: torch.nn.Module, arrays: dict[str, torch.Tensor], workspace: Any,
               ctx: TrainContext) -> tuple[dict[str, torch.Tensor], dict[str, float]]:

@@ -38,14 +38,14 @@ from logging import WARNING
 from typing import Any
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.app import Message
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
 from fedtune.capabilities import UNIFORM_WEIGHTING, Capabilities, Export, Payload, Support
 from fedtune.config.method import MethodConfig
 from fedtune.errors import ConfigError, PayloadError
-from fedtune.flower.strategy import Arrays, ClientUpdate, FedtuneStrategy, weights_for
+from fedtune.flower.strategy import SETUP, Arrays, ClientUpdate, FedtuneStrategy, weights_for
 from fedtune.models.lora_sb import set_bases, update_approximation
 from fedtune.models.state import check_arrays, load_trainable_state
 from fedtune.models.targets import lora_preflight, matched, resolve_targets
@@ -54,7 +54,6 @@ from fedtune.tuning import LEARNING_RATES
 from strategies.fed_sb_init import INIT_SOURCES, server_gradients, setup_note
 from strategies.fedavg_lora import LOCAL_LR, state_each_way, weighted_average
 
-SETUP = "train.setup"
 GRAD_SUFFIX, CORE_SUFFIX = ".base.weight", ".sb_R.weight"
 
 
@@ -177,7 +176,7 @@ class FedSB(FedtuneStrategy):
         """Init gradients (from every client, or the server's own), factorise, broadcast B
         and A once."""
         updates = self._server_update() if self.config.init_source == "server" else \
-            self._gradient_updates(self._setup_exchange(grid, server_round, {}))
+            self._gradient_updates(self.setup_exchange(grid, server_round, lambda pid: {}))
         if not updates:
             raise RuntimeError("Fed-SB setup: no client returned a valid init gradient")
         if self.config.init_step is None:
@@ -193,7 +192,7 @@ class FedSB(FedtuneStrategy):
     def resync(self, grid: Grid, server_round: int) -> None:
         """Send the bases B, A to every client (once after setup; again after a resume,
         since clients keep them in process state that a restart loses)."""
-        for reply in self._setup_exchange(grid, server_round, self.bases):
+        for reply in self.setup_exchange(grid, server_round, lambda pid: self.bases):
             if reply.has_error():
                 log(WARNING, "Fed-SB setup: node %d did not store the bases: %s", reply.metadata.src_node_id,
                     reply.error.reason.strip().splitlines()[-1][:200])
@@ -204,15 +203,6 @@ class FedSB(FedtuneStrategy):
             raise RuntimeError("Fed-SB setup: init_source=server needs the run's config (build it with from_config)")
         grads, num_examples = server_gradients(self.run_config, self.load_into)
         return [ClientUpdate(-1, num_examples, grads, {})]
-
-    def _setup_exchange(self, grid: Grid, server_round: int, arrays: Arrays) -> list[Message]:
-        """One ``train.setup`` message to every client: empty = "send your gradient"."""
-        messages = []
-        for pid in sorted(self.node_of):
-            config = ConfigRecord({"server-round": server_round, "method": self.name})
-            content = RecordDict({"arrays": ArrayRecord(arrays), "config": config})
-            messages.append(Message(content, dst_node_id=self.node_of[pid], message_type=SETUP))
-        return self.require_handlers(list(grid.send_and_receive(messages, timeout=self.rollcall_timeout)), SETUP)
 
     def _gradient_updates(self, replies: list[Message]) -> list[ClientUpdate]:
         """Decoded gradient replies, sorted by partition id; all must share keys and shapes."""

@@ -20,7 +20,8 @@ accumulator summarises the past: a client brings its model up to date by replayi
 logged updates of the rounds it has not seen.  The server keeps that log, an entry per
 aggregated upload ``(round, sender, c = p_k s_k, q_{1..τ})``, and sends each client the
 entries after the last round it is known to hold (:meth:`OneByte.downlink`: it holds a
-round once a reply of a later round arrives); the client keeps its copy of the log in
+round once a reply of a later round arrives; after a resume, the entries it held are
+sent back in a ``train.setup`` message metered as the restart's); the client keeps its copy of the log in
 Flower's ``Context.state`` (a resend after a lost reply is merged once) and replays onto
 a per-process cached model.  ``local_update=accumulate`` (the paper's gradient
 accumulation) measures all τ projected gradients at the same θ; ``sequential`` moves θ
@@ -192,8 +193,16 @@ class OneByte(FedtuneStrategy):
         self.names, self.shapes, self.theta = flatten(arrays)
 
     def resync(self, grid: Any, server_round: int) -> None:
-        """A restarted simulation lost the clients' logs: send every client the whole log."""
-        self.synced = {}
+        """A restarted simulation lost the clients' logs: give each client back what it held
+        (the entries through its ``synced`` round), metered as the restart's, so that the
+        rounds after it send what an unbroken run's do.  A client that did not store them
+        (an error reply, or a ClientApp without the setup handler) is sent the whole log
+        with its next round instead."""
+        held = {pid: self.log["rounds"] <= self.synced.get(pid, 0) for pid in self.node_of}
+        replies = self.setup_exchange(grid, server_round, lambda pid: {k: v[held[pid]] for k, v in self.log.items()},
+                                      required=False)
+        stored = {self.partition_of_node.get(r.metadata.src_node_id) for r in replies if not r.has_error()}
+        self.synced = {pid: last for pid, last in self.synced.items() if pid in stored}
 
     def downlink(self, server_round: int, partition_id: int) -> Arrays:
         after = self.synced.get(partition_id, 0)
@@ -270,6 +279,7 @@ register_method(
     capabilities=Capabilities(
         lr_schedule=ROUND_LR, warmup=NO_WARMUP, step_size="strategy.lr", example_dp=ZEROTH_ORDER,
         client_dp=NOT_AN_UPDATE, quantized_base=FULL_PARAMETER, sum_only=SENDER_BOUND,
-        sender_bound_directions=True),
+        sender_bound_directions=True,
+        setup_on_client_data="nothing: its setup handler only stores the log entries a resumed server sends back"),
     payload=LOG_PAYLOAD, export=Export("the tuned model (transformers save_pretrained)"), quick=QUICK,
     tuning={"strategy.lr": Relative(1.0, 0.3, 3.0), "strategy.eps": Relative(1.0, 0.3, 3.0)})

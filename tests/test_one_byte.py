@@ -1,10 +1,15 @@
 """One-byte ZO oracles (docs/methods.md#one_byte): the quantiser's error bound, replay
-equality with the quantised scalars, and the catch-up log each client is sent."""
+equality with the quantised scalars, the catch-up log each client is sent, and its
+return to the clients after a resume."""
+
+import csv
+import json
 
 import pytest
 import torch
 
-from method_testing import run_method, task_identity  # noqa: F401  (fixture)
+from method_testing import LocalGrid, quick_config, run_method, task_identity  # noqa: F401  (fixture)
+from fedtune.flower.server_app import run_server
 from fedtune.flower.strategy import ClientUpdate
 from fedtune.randomness import draw_directions
 from fedtune.runtime.workspace import Workspace
@@ -59,7 +64,7 @@ def test_each_client_is_sent_the_entries_of_the_rounds_it_has_not_seen() -> None
     strategy.aggregate(2, [_update(1, 1, [3, 3, 3, 3], 1.0), _update(2, 1, [4, 4, 4, 4], 1.0)])
     rounds = {pid: strategy.downlink(3, pid)["rounds"].tolist() for pid in range(4)}
     assert rounds == {0: [1, 1, 2, 2], 1: [2, 2], 2: [2, 2], 3: [1, 1, 2, 2]}
-    strategy.resync(None, 3)  # a restarted simulation: every client is sent the whole log
+    strategy.resync(None, 3)  # a restart no client stored the log in: each is sent it with its next round
     assert all(len(strategy.downlink(3, pid)["rounds"]) == 4 for pid in range(4))
     log = strategy.log
     assert all(torch.equal(merge_logs(log, log)[k], log[k]) for k in log)  # a resend is merged once
@@ -78,3 +83,33 @@ def test_a_client_replaying_the_log_holds_the_servers_model_bit_for_bit(task_ide
     assert any(len(u.arrays["codes"]) == cfg.strategy.local_steps for u in run.rounds[3].updates)
     reply = run.rounds[3].replies[0].content["metrics"]
     assert 0 < reply["quant-rel-error"] < 0.05  # adaptive 8-bit grid against the fp32 scalars
+
+
+def test_a_resumed_run_sends_the_lost_logs_as_restart_traffic_and_ends_where_an_unbroken_run_does(
+        task_identity: None, tmp_path) -> None:  # noqa: F811
+    """A restart loses every client's log (fresh Contexts): the server sends each the entries
+    it held in ``train.setup`` messages metered as ``resume``, so round 3's train bytes, and
+    the model, are those of the run that never stopped."""
+    cfg3 = quick_config("one_byte", ["num_rounds=3"])
+    run_server(LocalGrid(cfg3, cfg3.federation.num_clients), cfg3, tmp_path / "unbroken")
+    cfg2 = quick_config("one_byte", ["num_rounds=2"])
+    run_server(LocalGrid(cfg2, cfg2.federation.num_clients), cfg2, tmp_path / "broken")
+    summary = run_server(LocalGrid(cfg3, cfg3.federation.num_clients), cfg3, tmp_path / "broken", resume=True)
+
+    def rows(name: str, kind: str) -> list[dict[str, str]]:
+        return [r for r in csv.DictReader(open(tmp_path / name / "ledger.csv")) if r["kind"] == kind]
+
+    key = lambda r: (r["server_round"], r["partition_id"], r["direction"])  # noqa: E731
+    train = {name: sorted((key(r), int(r["payload_bytes"])) for r in rows(name, "train")) for name in ("unbroken", "broken")}
+    assert train["broken"] == train["unbroken"]
+    def down(name: str, kind: str, pid: int) -> int:
+        return sum(int(r["payload_bytes"]) for r in rows(name, kind) if r["direction"] == "down"
+                   and int(r["partition_id"]) == pid and (kind == "resume" or int(r["server_round"]) <= 2))
+
+    # each client is given back what it had been sent through round 2: the entries it held
+    held = {pid: down("unbroken", "train", pid) for pid in range(cfg3.federation.num_clients)}
+    assert {pid: down("broken", "resume", pid) for pid in held} == held and sum(held.values()) > 0
+    assert summary["resume_bytes"] > 0
+
+    unbroken = json.loads((tmp_path / "unbroken" / "summary.json").read_text())
+    assert summary["final_eval_loss"] == unbroken["final_eval_loss"] and summary["total_bytes"] == unbroken["total_bytes"]

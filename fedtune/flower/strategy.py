@@ -53,7 +53,9 @@ from fedtune.results.state_codec import check_state_keys
 from fedtune.runtime.roster import SimulationRoster
 from fedtune.sampling import sample_partitions
 
-__all__ = ["Arrays", "ClientUpdate", "FedtuneStrategy", "ROLLCALL", "RoundInfo", "weights_for"]
+SETUP = "train.setup"  # the ClientApp's one-time exchange (its trainer's ``setup``; ledger kind one_time)
+
+__all__ = ["Arrays", "ClientUpdate", "FedtuneStrategy", "ROLLCALL", "RoundInfo", "SETUP", "weights_for"]
 
 
 class FedtuneStrategy(Strategy):
@@ -122,16 +124,30 @@ class FedtuneStrategy(Strategy):
     def setup(self, grid: Grid, server_round: int) -> None:
         """One-time exchange before the first training round (default: none).
 
-        Runs right after the roll-call.  Send messages of type ``"train.setup"`` through
-        ``grid.send_and_receive`` (they reach the trainer's ``setup`` method and are
-        metered as ``one_time`` traffic), e.g. Fed-SB's initial gradients and bases, and
-        pass the replies through :meth:`require_handlers`, so that a ClientApp without the
-        handler is refused with what it must provide (:attr:`client_app_needs`).
+        Runs right after the roll-call.  Send ``"train.setup"`` messages with
+        :meth:`setup_exchange` (they reach the trainer's ``setup`` method and are metered as
+        ``one_time`` traffic), e.g. Fed-SB's initial gradients and bases; a ClientApp without
+        the handler is refused with what it must provide (:attr:`client_app_needs`).
         """
 
     def resync(self, grid: Grid, server_round: int) -> None:
         """After a resume, give clients again what :meth:`setup` gave them once (default:
         nothing; Fed-SB re-sends its bases).  Metered as ``resume`` traffic."""
+
+    def setup_exchange(self, grid: Grid, server_round: int, arrays_of: Callable[[int], Arrays],
+                       required: bool = True) -> list[Message]:
+        """One ``train.setup`` message to every known client, ``arrays_of(partition id)`` its
+        content (:meth:`setup`, :meth:`resync`), and the replies: through
+        :meth:`require_handlers` when ``required``, else as they came (error replies included)."""
+        messages = []
+        for pid in sorted(self.node_of):
+            config = ConfigRecord({"server-round": server_round, "method": self.name})
+            content = RecordDict({"arrays": ArrayRecord(arrays_of(pid)), "config": config})
+            messages.append(Message(content, dst_node_id=self.node_of[pid], message_type=SETUP))
+        if not messages:
+            return []
+        replies = list(grid.send_and_receive(messages, timeout=self.rollcall_timeout))
+        return self.require_handlers(replies, SETUP) if required else replies
 
     def require_handlers(self, replies: list[Message], message_type: str) -> list[Message]:
         """``replies`` unchanged, unless a node has no ``message_type`` handler (a plain
