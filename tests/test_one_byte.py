@@ -102,6 +102,7 @@ def test_a_resumed_run_sends_the_lost_logs_as_restart_traffic_and_ends_where_an_
     key = lambda r: (r["server_round"], r["partition_id"], r["direction"])  # noqa: E731
     train = {name: sorted((key(r), int(r["payload_bytes"])) for r in rows(name, "train")) for name in ("unbroken", "broken")}
     assert train["broken"] == train["unbroken"]
+
     def down(name: str, kind: str, pid: int) -> int:
         return sum(int(r["payload_bytes"]) for r in rows(name, kind) if r["direction"] == "down"
                    and int(r["partition_id"]) == pid and (kind == "resume" or int(r["server_round"]) <= 2))
