@@ -2,28 +2,21 @@
 
 It does the messaging once for all methods, so a method only writes its maths:
 
-* **node discovery** (first round, :mod:`fedtune.flower.nodes`): the engine's node map
-  (:attr:`roster`, in ``fedtune run``'s simulation), else a ``query.rollcall`` message to
-  every node, each replying with its ``partition-id``; a plain Flower ClientApp that has
-  no roll-call handler gets its rank among the sorted node ids.  Clients are then
-  *sampled by partition id* from the run's seeded stream (:mod:`fedtune.sampling`), not
-  by Flower's random node ids, so a seed picks the same clients in simulation and in
-  deployment.
-* **train**: each sampled client gets ``{"arrays": downlink(round, pid), "config":
-  {"server-round", "method"}}``; replies (``{"arrays", "metrics": {"num-examples", ...}}``,
-  as for Flower's ``FedAvg``) are decoded and validated (:mod:`fedtune.flower.replies`)
-  and handed to :meth:`aggregate` sorted by partition id, so the sums are deterministic.
-  A failed or malformed reply is logged and left out.
-* **evaluate**: none on clients; the ServerApp evaluates the global model centrally
-  through ``evaluate_fn``.
-* **metering**: :meth:`start` wraps the grid in a :class:`MeteredGrid`, so every
-  message is counted in :attr:`ledger`, whoever drives the loop.
-* **checkpoints**: :meth:`state_dict` is what a resumed run needs (global state, ledger,
-  round records, client ε; each method adds its own state explicitly), never the run's
-  node ids; ``start(..., resume=checkpoint)`` loads it and continues at the next round.
+* **node discovery** (first round, :mod:`fedtune.flower.nodes`); clients are then
+  *sampled by partition id* from the run's seeded stream (:mod:`fedtune.sampling`), not by
+  Flower's random node ids, so a seed picks the same clients in simulation and deployment.
+* **train**: each sampled client gets ``downlink(round, pid)`` (:mod:`fedtune.flower.exchange`);
+  replies are decoded and validated (:mod:`fedtune.flower.replies`) and handed to
+  :meth:`aggregate` sorted by partition id, so the sums are deterministic.  A failed or
+  malformed reply is logged and left out.
+* **evaluate**: none on clients; the ServerApp evaluates the global model centrally.
+* **metering**: :meth:`start` wraps the grid in a :class:`MeteredGrid`, so every message
+  is counted in :attr:`ledger`, whoever drives the loop.
+* **checkpoints**: :meth:`state_dict` is what a resumed run needs, never the run's node
+  ids; ``start(..., resume=checkpoint)`` loads it and continues at the next round.
 
 Subclasses implement :meth:`aggregate` (pure tensor maths) and may override
-:meth:`downlink` (per-client payloads) and :meth:`initialize`.
+:meth:`downlink` (per-client payloads), :meth:`initialize` and :meth:`setup`.
 """
 
 from __future__ import annotations
@@ -35,7 +28,7 @@ from logging import INFO, WARNING
 from typing import Any
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
@@ -43,7 +36,8 @@ from flwr.serverapp.strategy import Result, Strategy
 from fedtune.comm.ledger import Ledger
 from fedtune.comm.metered_grid import MeteredGrid, metered_as
 from fedtune.config.method import MethodConfig
-from fedtune.flower.nodes import ROLLCALL, discover_nodes, lacks_handler
+from fedtune.flower.exchange import SETUP, build_messages, handlerless, needs_error, send_setup
+from fedtune.flower.nodes import ROLLCALL, discover_nodes
 from fedtune.flower.replies import Arrays, ClientUpdate, RoundInfo, decode_replies, missing_replies, weights_for
 from fedtune.flower.round_loop import RoundHooks, run_rounds
 from fedtune.models.state import load_trainable_state
@@ -52,8 +46,6 @@ from fedtune.results.ledger_state import ledger_records, ledger_state
 from fedtune.results.state_codec import check_state_keys
 from fedtune.runtime.roster import SimulationRoster
 from fedtune.sampling import sample_partitions
-
-SETUP = "train.setup"  # the ClientApp's one-time exchange (its trainer's ``setup``; ledger kind one_time)
 
 __all__ = ["Arrays", "ClientUpdate", "FedtuneStrategy", "ROLLCALL", "RoundInfo", "SETUP", "weights_for"]
 
@@ -139,23 +131,17 @@ class FedtuneStrategy(Strategy):
         """One ``train.setup`` message to every known client, ``arrays_of(partition id)`` its
         content (:meth:`setup`, :meth:`resync`), and the replies: through
         :meth:`require_handlers` when ``required``, else as they came (error replies included)."""
-        messages = []
-        for pid in sorted(self.node_of):
-            config = ConfigRecord({"server-round": server_round, "method": self.name})
-            content = RecordDict({"arrays": ArrayRecord(arrays_of(pid)), "config": config})
-            messages.append(Message(content, dst_node_id=self.node_of[pid], message_type=SETUP))
-        if not messages:
-            return []
-        replies = list(grid.send_and_receive(messages, timeout=self.rollcall_timeout))
+        config = {"server-round": server_round, "method": self.name}
+        replies = send_setup(grid, self.node_of, config, arrays_of, self.rollcall_timeout)
         return self.require_handlers(replies, SETUP) if required else replies
 
     def require_handlers(self, replies: list[Message], message_type: str) -> list[Message]:
         """``replies`` unchanged, unless a node has no ``message_type`` handler (a plain
         ClientApp): then a ``RuntimeError`` that says what each ClientApp must provide."""
-        lacking = [r.metadata.src_node_id for r in replies if lacks_handler(r, message_type)]
+        lacking = handlerless(replies, message_type)
         if lacking:
-            raise RuntimeError(self._needs_error(f"{len(lacking)} of {len(replies)} nodes have no "
-                                                 f"'{message_type}' handler"))
+            raise RuntimeError(needs_error(type(self).__name__, self.client_app_needs,
+                                           f"{len(lacking)} of {len(replies)} nodes have no '{message_type}' handler"))
         return replies
 
     def downlink(self, server_round: int, partition_id: int) -> Arrays:
@@ -249,12 +235,9 @@ class FedtuneStrategy(Strategy):
             self.setup(grid, server_round)
         sampled = sample_partitions(self.seed, server_round, self.node_of, self.clients_per_round)
         self.rounds[server_round] = RoundInfo(sampled=sampled)
-        messages = []
-        for pid in sampled:
-            cfg = ConfigRecord({**dict(config), "server-round": server_round, "method": self.name})
-            content = RecordDict({"arrays": ArrayRecord(self.downlink(server_round, pid)), "config": cfg})
-            messages.append(Message(content, dst_node_id=self.node_of[pid], message_type=MessageType.TRAIN))
-        return messages
+        cfg = {**dict(config), "server-round": server_round, "method": self.name}
+        return build_messages(self.node_of, sampled, MessageType.TRAIN, cfg,
+                              lambda pid: self.downlink(server_round, pid))
 
     def aggregate_train(self, server_round: int,
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
@@ -294,15 +277,10 @@ class FedtuneStrategy(Strategy):
         its messages are counted as "control" traffic)."""
         nodes = discover_nodes(grid, self.num_clients, self.rollcall_timeout, self.roster)
         if nodes.by_rank and self.client_app_needs:
-            raise RuntimeError(self._needs_error(f"its nodes do not answer '{ROLLCALL}'"))
+            raise RuntimeError(needs_error(type(self).__name__, self.client_app_needs,
+                                           f"its nodes do not answer '{ROLLCALL}'"))
         self.node_of, self.partition_of_node = dict(nodes.node_of), nodes.partition_of_node
         self.ledger.attribute(self.partition_of_node)
-
-    def _needs_error(self, why: str) -> str:
-        needs = "; ".join(self.client_app_needs) or "the handlers of fedtune's ClientApp"
-        return (f"{type(self).__name__} cannot drive this ClientApp ({why}): each ClientApp must provide "
-                f"{needs}; and a '{ROLLCALL}' query handler replying MetricRecord({{'partition-id': i}}) "
-                f"(fedtune's own ClientApp, fedtune.flower.client_app, has all)")
 
     def _decode(self, replies: Iterable[Message], info: RoundInfo,
                 unattributed: list[str] | None = None) -> Iterable[ClientUpdate]:
