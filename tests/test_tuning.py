@@ -10,8 +10,9 @@ import math
 import pytest
 from conftest import load_study_main, load_study_module, on_shared_ray
 
+from fedtune.config import compose
 from fedtune.registry import METHODS
-from fedtune.results.study import run_dir
+from fedtune.results.study import run_dir, run_status
 from fedtune.results.tuning import choose, trial_dir, tuning_markdown, tuning_record
 from fedtune.tuning import LEARNING_RATES, Relative, config_value, grid, resolve_space, select_trials
 
@@ -31,8 +32,6 @@ def test_a_space_resolves_around_the_untuned_value() -> None:
 def test_every_method_declares_its_space_on_its_own_config() -> None:
     """Each method names its knobs in its registration, on fields its config has; an absolute
     candidate list starts with the config's default, so the default point adds no point."""
-    from fedtune.config import compose
-
     for spec in METHODS.values():
         assert spec.tuning, f"{spec.name} declares no tuning space"
         cfg = compose(f"strategy={spec.name} model=tiny dataset=tiny")
@@ -95,8 +94,6 @@ def test_the_choice_is_the_best_score_then_fewer_bytes_once_every_trial_finished
 def _fake_run(calls: list, kill_first_attempt_of: str):  # type: ignore[no-untyped-def]
     """A stand-in for ``fedtune run`` (study_plan.run_one): scores a trial by its lr (best at
     3e-2), writes what the study reads, and is killed once in the middle of one run."""
-    from fedtune.results.study import run_status
-
     attempted: set = set()
 
     def run(d, overrides, rounds):  # type: ignore[no-untyped-def]
